@@ -1,0 +1,18 @@
+"""Shared test fixtures: where the real assets are, and a skip when they are absent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_ASSETS = PROJECT_ROOT.parent / "shared" / "assets"
+
+
+@pytest.fixture
+def assets() -> Path:
+    """Path to ../shared/assets (real models, tokenizers, data); skips the test when it is absent."""
+    if not SHARED_ASSETS.is_dir():
+        pytest.skip(f"real test assets not found at {SHARED_ASSETS} (a fresh clone has no ../shared)")
+    return SHARED_ASSETS
