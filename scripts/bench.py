@@ -1,0 +1,409 @@
+"""ftcore's training-step benchmark, under the peer's protocol (../shared/peer/torchtune_step_bench.py).
+
+Protocol (the same for ftcore and torchtune, so that only ratios measured in one run are compared):
+random-init weights in bf16, random token ids in [0, 128000), fused AdamW (lr 3e-4) on the trainable
+parameters, LoRA rank 8 / alpha 16 on q, k, v, output projections and the MLP, chunked cross-entropy,
+`--warm` untimed steps then `--steps` timed steps; the median step time gives tokens/s; peak memory is
+torch.cuda.max_memory_allocated() after the model and optimizer are built.
+
+ftcore's own pieces are used as a recipe uses them: the builders on the meta device, `to_empty` +
+`init_weights`, the adapter helpers, `parallelize` (activation checkpointing, per-block compile) and
+`LanguageModelLoss`. QLoRA bases get random float weights quantized to NF4 while loading, one
+projection at a time, as a real checkpoint would be.
+
+MFU = model FLOPs per step / step time / the card's bf16 matmul rate measured in this same process
+(a large bf16 matmul on random data). Model FLOPs per token, with N_mm the weights used in matmuls
+(block projections, LoRA adapters, output head; embedding lookups are no matmul) and N_train those
+of them that are trained:
+    forward 2 N_mm  +  input gradients 2 N_mm  +  weight gradients 2 N_train
+    + causal attention: forward 2 T d_attn, backward 4 T d_attn per layer (d_attn = heads * head_dim)
+Full fine-tuning is thus the usual 6 N + attention; LoRA trains only the adapters, so it is ~4 N.
+Recomputation by activation checkpointing and NF4 dequantization are not counted (they are not model
+FLOPs). With a frozen embedding autograd skips the first block's q/k/v input gradients, which this
+count includes (under 0.2% of an 8B LoRA step); tests/scripts/test_bench.py checks the count against
+torch's FlopCounterMode.
+
+Usage:
+  python scripts/bench.py --mode lora --model llama3_1_8b --bs 2 --seq 2048 --ac [--compile] --out r.json
+  python scripts/bench.py --generate 128 --model llama3_2_1b          # decode speed, batch 1
+  python scripts/bench.py --table results.jsonl                        # side-by-side markdown table
+Prints one line `RESULT {json}` (the peer's format) and writes the same JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODELS = ("llama3_1_8b", "llama3_1_70b", "llama3_2_3b", "llama3_2_1b", "tiny")
+LORA_ATTN_MODULES = ["q_proj", "k_proj", "v_proj", "output_proj"]
+TOKEN_ID_HIGH = 128_000  # the protocol's token ids lie in [0, 128000)
+# A small Llama for CPU smoke tests: every in_dim divides by the NF4 block (64), so QLoRA builds too.
+TINY_SIZES = dict(
+    vocab_size=1024, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, max_seq_len=512
+)  # fmt: skip
+FLOPS_NOTE = (
+    "model FLOPs/token = 2*N_mm (fwd) + 2*N_mm (input grads) + 2*N_trainable_mm (weight grads) "
+    "+ causal attention 6*T*heads*head_dim per layer; N_mm = block projections + LoRA adapters + "
+    "output head (no embedding lookup); AC recompute and NF4 dequantization not counted"
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--mode", default="lora", choices=["full", "lora", "qlora"])
+    p.add_argument("--model", default="llama3_1_8b", choices=MODELS)
+    p.add_argument("--bs", type=int, default=2)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--ac", action="store_true", help="activation checkpointing per transformer block")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (ftcore's parallelize)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warm", type=int, default=3)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the cross-entropy")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--generate", type=int, default=0, help="instead of training, decode this many tokens")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt length for --generate")
+    p.add_argument("--out", type=Path, help="also write the result JSON here")
+    p.add_argument("--table", type=Path, help="print the side-by-side table of a JSONL of RESULTs and exit")
+    args = p.parse_args(argv)
+    for name in ("bs", "seq", "rank", "steps", "loss_chunk"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def _builder(name: str, lora: bool):
+    """The size's builder from ftcore.models, or the bench's tiny shape."""
+    import ftcore.models
+
+    if name == "tiny":
+        from functools import partial
+
+        base = ftcore.models.lora_transformer_decoder if lora else ftcore.models.transformer_decoder
+        return partial(base, **TINY_SIZES)
+    return getattr(ftcore.models, f"lora_{name}" if lora else name)
+
+
+def build_model(name: str, mode: str, rank: int, device: torch.device) -> nn.Module:
+    """Build on meta under bf16, materialize on `device`, random-init; QLoRA bases quantized on load."""
+    import ftcore.models
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            if mode == "full":
+                model = _builder(name, lora=False)()
+            else:
+                model = _builder(name, lora=True)(
+                    lora_attn_modules=LORA_ATTN_MODULES,
+                    apply_lora_to_mlp=True,
+                    lora_rank=rank,
+                    lora_alpha=2 * rank,
+                    quantize_base=mode == "qlora",
+                )
+        model.to_empty(device=device)
+        with torch.no_grad():
+            ftcore.models.init_weights(model)
+            if mode == "qlora":
+                load_random_nf4_bases(model, device)
+    finally:
+        torch.set_default_dtype(previous)
+    if mode != "full":
+        from ftcore.modules.lora import get_adapter_params, set_trainable_params
+
+        set_trainable_params(model, get_adapter_params(model))
+    return model
+
+
+def _nf4_base_modules(model: nn.Module):
+    """Modules whose frozen base weight is stored in NF4 (LoRALinear(quantize_base) and bare NF4Linear)."""
+    from ftcore.modules.lora import LoRALinear
+    from ftcore.modules.nf4 import NF4Linear
+
+    lora_prefixes = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear) and module.quantize_base:
+            lora_prefixes.append(name + ".")
+            yield module
+        elif isinstance(module, NF4Linear) and not any(name.startswith(p) for p in lora_prefixes):
+            yield module
+
+
+def load_random_nf4_bases(model: nn.Module, device: torch.device, std: float = 0.02) -> None:
+    """Give every NF4 base a normal(0, std) float weight through its load hook, which quantizes it.
+
+    One projection at a time, so the float copy of only one weight is ever alive (70B fits one GPU).
+    """
+    for module in _nf4_base_modules(model):
+        weight = torch.randn(module.out_dim, module.in_dim, device=device, dtype=torch.bfloat16) * std
+        module.load_state_dict({"weight": weight}, strict=False)
+
+
+def _matmul_weight_counts(model: nn.Module) -> tuple[int, int]:
+    """(N_mm, N_trainable_mm): weights used in matmuls per token, and how many of them are trained."""
+    from ftcore.modules.lora import LoRALinear
+    from ftcore.modules.nf4 import NF4Linear
+
+    total = trainable = 0
+    lora_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            lora_prefixes.append(name + ".")
+            total += module.in_dim * module.out_dim  # the frozen base; lora_a / lora_b are nn.Linear children
+        elif isinstance(module, NF4Linear) and not any(name.startswith(p) for p in lora_prefixes):
+            total += module.in_dim * module.out_dim
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel()
+            trainable += module.weight.numel() if module.weight.requires_grad else 0
+    if model.output is None:  # tied head: the embedding matrix is also the output projection
+        head = model.tok_embeddings.weight
+        total += head.numel()
+        trainable += head.numel() if head.requires_grad else 0
+    return total, trainable
+
+
+def model_flops_per_step(model: nn.Module, batch: int, seq: int, causal: bool = True) -> int:
+    """Model FLOPs of one training step (see the module docstring for what is counted)."""
+    n_mm, n_train = _matmul_weight_counts(model)
+    attn_dim_sum = sum(layer.attn.n_heads * layer.attn.head_dim for layer in model.layers)
+    # Per token: QK^T and AV each cost 2 * context * d_attn forward; causal context averages T / 2.
+    context = seq / 2 if causal else seq
+    attn_forward = 2 * 2 * context * attn_dim_sum
+    per_token = 2 * n_mm + 2 * n_mm + 2 * n_train + 3 * attn_forward  # backward = 2 x forward for attention
+    return int(per_token * batch * seq)
+
+
+def measure_matmul_peak_tflops(device: torch.device, dtype=torch.bfloat16) -> float:
+    """The card's dense matmul rate, measured: median of timed n^3 products on random data."""
+    n = 8192 if device.type == "cuda" else 512
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(13):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _memory_fields(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return dict(peak_alloc_gib=None, peak_reserved_gib=None, gpu="cpu")
+    return dict(
+        peak_alloc_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+        peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
+        gpu=torch.cuda.get_device_name(device),
+    )
+
+
+def _resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA GPU is visible; pass --device cpu")
+    return device
+
+
+def run_training(args: argparse.Namespace) -> dict:
+    from ftcore.distributed.parallelize import parallelize
+    from ftcore.runner.loss import LanguageModelLoss
+
+    device = _resolve_device(args.device)
+    peak_tflops = measure_matmul_peak_tflops(device)
+    torch.manual_seed(0)
+    start = time.time()
+    model = build_model(args.model, args.mode, args.rank, device)
+    parallelize(model, activation_checkpointing=args.ac, compile=args.compile)
+    build_s = time.time() - start
+    loss_fn = LanguageModelLoss(chunk_size=args.loss_chunk)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, fused=True)
+    vocab = model.tok_embeddings.num_embeddings
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_times, loss = [], None
+    warm_start = time.perf_counter()
+    for i in range(args.warm + args.steps):
+        tokens = torch.randint(0, min(TOKEN_ID_HIGH, vocab), (args.bs, args.seq), device=device)
+        _sync(device)
+        step_start = time.perf_counter()
+        loss_sum, count = loss_fn(model, {"tokens": tokens, "labels": tokens})
+        loss = loss_sum / count
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if i == args.warm - 1:
+            warmup_s = time.perf_counter() - warm_start
+        if i >= args.warm:
+            step_times.append(time.perf_counter() - step_start)
+    step_s = statistics.median(step_times)
+    flops = model_flops_per_step(model, args.bs, args.seq)
+    return dict(
+        system=_system_name(),
+        model=args.model,
+        mode=args.mode,
+        bs=args.bs,
+        seq=args.seq,
+        ac=args.ac,
+        compile=args.compile,
+        trainable_params=sum(p.numel() for p in params),
+        build_s=round(build_s, 1),
+        warmup_s=round(warmup_s, 1) if args.warm else 0.0,
+        step_s=round(step_s, 4),
+        step_times_s=[round(t, 4) for t in step_times],
+        tokens_per_s=round(args.bs * args.seq / step_s, 1),
+        **_memory_fields(device),
+        last_loss=round(float(loss.detach()), 4),
+        flops_per_step=flops,
+        matmul_peak_tflops=round(peak_tflops, 1),
+        mfu=round(flops / step_s / (peak_tflops * 1e12), 4),
+        flops_note=FLOPS_NOTE,
+    )
+
+
+@torch.no_grad()
+def run_generation(args: argparse.Namespace) -> dict:
+    """Greedy decoding at batch 1 through `ftcore.models.generate` (KV cache, no stop tokens).
+
+    Prefill time is that of a 1-token generation; decode speed is (N - 1) tokens over the rest of an
+    N-token generation. Each is timed after an identical untimed call (kernels, allocator, handles).
+    """
+    from ftcore.models import generate
+
+    if args.generate < 2:
+        raise ValueError(f"--generate must be >= 2 to time decoding, got {args.generate}")
+    device = _resolve_device(args.device)
+    torch.manual_seed(0)
+    model = build_model(args.model, "full", args.rank, device).eval()
+    vocab = model.tok_embeddings.num_embeddings
+    prompt = torch.randint(0, min(TOKEN_ID_HIGH, vocab), (args.prompt_len,)).tolist()
+
+    def timed_generate(new_tokens: int) -> float:
+        generate(model, [prompt], new_tokens)  # untimed warm-up of the same shapes
+        _sync(device)
+        start = time.perf_counter()
+        out = generate(model, [prompt], new_tokens)
+        _sync(device)
+        if len(out[0]) != new_tokens:
+            raise RuntimeError(f"generate returned {len(out[0])} tokens, expected {new_tokens}")
+        return time.perf_counter() - start
+
+    prefill_s = timed_generate(1)
+    total_s = timed_generate(args.generate)
+    return dict(
+        system=_system_name(),
+        kind="generate",
+        model=args.model,
+        bs=1,
+        prompt_len=args.prompt_len,
+        new_tokens=args.generate,
+        prefill_tokens_per_s=round(args.prompt_len / prefill_s, 1),
+        decode_tokens_per_s=round((args.generate - 1) / (total_s - prefill_s), 1),
+        total_s=round(total_s, 3),
+        **_memory_fields(device),
+    )
+
+
+def _ratio(numerator, denominator) -> str:
+    return f"{numerator / denominator:.2f}x" if numerator and denominator else "-"
+
+
+def _fmt(value, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _config_key(r: dict) -> tuple:
+    return (r["model"], r["mode"], r["bs"], r["seq"], r["ac"])
+
+
+def _is_peer(r: dict) -> bool:
+    return r["system"].startswith("torchtune")
+
+
+def render_table(results_jsonl: Path) -> str:
+    """Markdown: one row per ftcore run, beside torchtune's runs of the same model/mode/batch/AC.
+
+    Ratios are ftcore / torchtune (tokens/s: higher is better; memory: lower is better). Peer runs
+    with no ftcore counterpart get a row of their own so that no measured figure is dropped.
+    """
+    records = [json.loads(line) for line in results_jsonl.read_text().splitlines() if line.strip()]
+    runs = [r for r in records if "tokens_per_s" in r and "kind" not in r]
+    peer: dict[tuple, dict[bool, dict]] = {}
+    for r in filter(_is_peer, runs):
+        peer.setdefault(_config_key(r), {})[r["compile"]] = r
+    rows = [
+        "| model | mode | bs x seq | AC | ftcore compile | ftcore tok/s | ftcore GiB | ftcore MFU "
+        "| tt eager tok/s | tt compiled tok/s | tt compiled GiB "
+        "| tok/s vs tt compiled | tok/s vs tt eager | memory vs tt compiled |",
+        "|---" * 14 + "|",
+    ]
+    ours = [r for r in runs if not _is_peer(r)]
+    for r in ours:
+        eager, compiled = (peer.get(_config_key(r), {}).get(flag, {}) for flag in (False, True))
+        rows.append(
+            f"| {r['model']} | {r['mode']} | {r['bs']} x {r['seq']} | {_yes(r['ac'])} | {_yes(r['compile'])} "
+            f"| {_fmt(r['tokens_per_s'])} | {_fmt(r['peak_alloc_gib'], 2)} | {_fmt(r.get('mfu'), 3)} "
+            f"| {_fmt(eager.get('tokens_per_s'))} | {_fmt(compiled.get('tokens_per_s'))} "
+            f"| {_fmt(compiled.get('peak_alloc_gib'), 2)} | {_ratio(r['tokens_per_s'], compiled.get('tokens_per_s'))} "
+            f"| {_ratio(r['tokens_per_s'], eager.get('tokens_per_s'))} "
+            f"| {_ratio(r['peak_alloc_gib'], compiled.get('peak_alloc_gib'))} |"
+        )
+    ours_keys = {_config_key(r) for r in ours}
+    for key, by_compile in peer.items():
+        if key in ours_keys:
+            continue
+        eager, compiled = by_compile.get(False, {}), by_compile.get(True, {})
+        rows.append(
+            f"| {key[0]} | {key[1]} | {key[2]} x {key[3]} | {_yes(key[4])} | (not run) | - | - | - "
+            f"| {_fmt(eager.get('tokens_per_s'))} | {_fmt(compiled.get('tokens_per_s'))} "
+            f"| {_fmt(compiled.get('peak_alloc_gib'), 2)} | - | - | - |"
+        )
+    return "\n".join(rows)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _system_name() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"ftcore-{version('ftcore')}"
+    except PackageNotFoundError:  # run from a source tree on PYTHONPATH (the GPU machine)
+        return "ftcore-src"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.table:
+        print(render_table(args.table))
+        return 0
+    result = run_generation(args) if args.generate else run_training(args)
+    line = json.dumps(result)
+    print("RESULT", line, flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

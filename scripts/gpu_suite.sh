@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Everything ftcore measures on a GPU, in ONE call of at most ~8.5 minutes (the device limit is 10).
+#
+# Usage (repository root of the GPU machine): scripts/gpu_suite.sh [PLAN]
+#   all  (default)  GPU-marked tests, NF4 checks and NF4 benchmark, then the headline benchmarks:
+#                   8B LoRA and QLoRA (bs 2 x 2048, activation checkpointing) ftcore eager beside
+#                   torchtune compiled, 1B generation speed, 3B full fine-tune, then as time allows
+#                   ftcore compiled, torchtune eager and 3B compiled.
+#   rest            what `all` rarely reaches: ftcore compiled and torchtune eager 8B LoRA/QLoRA,
+#                   3B full fine-tune compiled.
+#   big             Llama-3.1-70B-shape QLoRA at bs 1 x 2048: ftcore eager, torchtune compiled.
+# Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
+# suite's deadline (SUITE_BUDGET_S, default 510 s); a failing step never stops the next one.
+# Writes into $OUT (default ./gpu_out): suite.log (everything printed), results.jsonl (one JSON
+# per benchmark run or skipped/failed step), bench_table.md, nf4_checks.json, bench_nf4.json.
+# Carry to the GPU machine: .peer .peer_wheels .whl .bnb_wheel (see docs/performance.md).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PLAN=${1:-all}
+OUT=${OUT:-$PWD/gpu_out}
+export OUT
+mkdir -p "$OUT"
+START=$(date +%s)
+DEADLINE=$((START + ${SUITE_BUDGET_S:-510}))
+RESULTS=$OUT/results.jsonl
+FTCORE_SITE=/tmp/ftcore_site
+BNB_SITE=/tmp/bnb_site
+export PYTHONUNBUFFERED=1 BENCH_RESULTS=$RESULTS BENCH_DEADLINE=$DEADLINE
+exec > >(tee -a "$OUT/suite.log") 2>&1
+
+stamp() { echo "$(date -u +%H:%M:%S) +$(($(date +%s) - START))s"; }
+
+# step NAME MIN_S CAP_S CMD...: run CMD when MIN_S seconds remain, for at most CAP_S (or what is left).
+step() {
+  local name=$1 min_s=$2 cap_s=$3 left=$((DEADLINE - $(date +%s)))
+  shift 3
+  if ((left < min_s)); then
+    echo "[$(stamp)] SKIP $name: ${left}s left, needs ${min_s}s"
+    echo "{\"step\": \"$name\", \"status\": \"skipped\", \"seconds_left\": $left}" >>"$RESULTS"
+    return 0
+  fi
+  ((cap_s > left)) && cap_s=$left
+  echo "[$(stamp)] START $name (cap ${cap_s}s)"
+  local begin=$SECONDS
+  timeout -k 10 "$cap_s" "$@"
+  local rc=$?
+  echo "[$(stamp)] END $name rc=$rc after $((SECONDS - begin))s"
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"wall_s\": $((SECONDS - begin))}" >>"$RESULTS"
+}
+
+setup() {
+  echo "[$(stamp)] plan=$PLAN budget=${SUITE_BUDGET_S:-510}s"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  # ftcore's dependencies that the GPU image lacks (omegaconf, gguf, torchao), apart from the peer's.
+  [[ -d .whl ]] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$FTCORE_SITE" .whl/*.whl
+  # bitsandbytes, only for the checks that compare NF4 bytes with it.
+  if [[ -d .bnb_wheel ]] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target "$BNB_SITE" .bnb_wheel/*.whl; then
+    BNB_PATH=":$BNB_SITE"
+  fi
+  # `timeout` runs commands, not shell functions: the environment travels as an `env` prefix.
+  PY=(env "PYTHONPATH=$PWD/src:$FTCORE_SITE${BNB_PATH:-}" python3)
+  echo "[$(stamp)] setup done"
+}
+
+checks() {
+  step "pytest -m gpu" 20 60 "${PY[@]}" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors -rs tests
+  [[ -f scripts/gpu_nf4_checks.py ]] && step "gpu_nf4_checks" 15 40 "${PY[@]}" scripts/gpu_nf4_checks.py --out "$OUT/nf4_checks.json"
+  [[ -f scripts/bench_nf4.py ]] && step "bench_nf4" 15 40 "${PY[@]}" scripts/bench_nf4.py --out "$OUT/bench_nf4.json"
+}
+
+vs_peer() { scripts/bench_vs_peer.sh --no-table "$@"; }
+
+generation() {
+  step "generate 1B bs1" 20 60 "${PY[@]}" scripts/bench.py --model llama3_2_1b --generate 128 --prompt-len 128 \
+    --out "$OUT/generate.json"
+  [[ -f $OUT/generate.json ]] && cat "$OUT/generate.json" >>"$RESULTS" && rm "$OUT/generate.json"
+}
+
+# Each run: SYSTEM:MODE:COMPILE:MIN_S:CAP_S (bench_vs_peer.sh skips it when MIN_S no longer fits).
+plan_all() {
+  checks
+  vs_peer ftcore:lora:eager:45:100 ftcore:qlora:eager:60:130 peer:lora:compile:120:210 peer:qlora:compile:150:240
+  generation
+  vs_peer --model llama3_2_3b ftcore:full:eager:35:90 peer:full:eager:40:90
+  vs_peer ftcore:lora:compile:100:200 ftcore:qlora:compile:120:220 peer:lora:eager:45:90 peer:qlora:eager:60:120
+}
+
+plan_rest() {
+  vs_peer ftcore:lora:compile:100:200 ftcore:qlora:compile:120:220 peer:lora:eager:45:90 peer:qlora:eager:60:120
+  vs_peer --model llama3_2_3b ftcore:full:compile:90:180 peer:full:compile:100:200
+}
+
+plan_big() {
+  vs_peer --model llama3_1_70b --bs 1 ftcore:qlora:eager:120:280 peer:qlora:compile:200:330
+}
+
+setup
+case $PLAN in
+  all) plan_all ;;
+  rest) plan_rest ;;
+  big) plan_big ;;
+  *) echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest or big" >&2; exit 2 ;;
+esac
+echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
+"${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"
+grep '"kind": "generate"' "$RESULTS" || true
+echo "[$(stamp)] suite done"

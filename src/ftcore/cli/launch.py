@@ -1,0 +1,28 @@
+"""What each torchrun rank executes: `python -m ftcore.cli.launch RECIPE --config FILE [overrides]`.
+
+Every rank loads, overrides and validates the same config and calls the same `recipe_main(cfg)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ftcore.cli.run import run_in_process
+from ftcore.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ftcore.cli.launch", description=__doc__)
+    parser.add_argument("recipe")
+    parser.add_argument("--config", required=True)
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        return run_in_process(args.recipe, args.config, overrides)
+    except ConfigError as exc:
+        print(f"ftcore: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The one error type of the config system, and the did-you-mean helper every check shares."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class ConfigError(ValueError):
+    """A user's config or override is wrong. The message names where, what, and how to fix it.
+
+    Rendered as `<source>: `<key path>`: <problem>. <fix>` so that a user can jump straight to the
+    offending line of their YAML file or command line.
+    """
+
+    def __init__(self, source: str, key: str, problem: str, fix: str = "") -> None:
+        self.source, self.key, self.problem, self.fix = source, key, problem, fix
+        where = f"{source}: `{key}`" if key else source
+        super().__init__(f"{where}: {problem}." + (f" {fix}" if fix else ""))
+
+
+def did_you_mean(word: str, candidates: Iterable[str], listing: str = "") -> str:
+    """`Did you mean `x`?` for the closest names to `word`, or a listing of the valid names.
+
+    difflib's ratio with cutoff 0.6 catches transpositions and one- or two-letter typos of names
+    such as `lora_rnak` -> `lora_rank` without suggesting unrelated keys.
+    """
+    names = sorted({c for c in candidates if not c.startswith("_")})
+    close = difflib.get_close_matches(word, names, n=3, cutoff=0.6)
+    if close:
+        return "Did you mean " + " or ".join(f"`{c}`" for c in close) + "?"
+    if names and listing:
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        return f"{listing}: {shown}."
+    return ""

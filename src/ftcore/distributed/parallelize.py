@@ -1,0 +1,62 @@
+"""Apply activation checkpointing, compile and FSDP2 to a decoder from outside the model.
+
+One linear function, each step documented, in the order that composes: checkpoint each block, then
+compile each block, then shard each block and the root (FSDP2 wraps the compiled, checkpointed
+blocks, as torchtitan's `parallelize_llama` orders them). Model files import no torch.distributed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of storing them.
+
+    The block's own `forward` is wrapped in place (not the module), so parameter and state-dict names
+    stay those of the plain model and checkpoints need no renaming.
+    """
+    for block in model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile block by block: one small graph reused N times compiles far faster than the whole model.
+
+    `Module.compile()` compiles in place, so names keep no `_orig_mod.` prefix.
+    """
+    for block in model.layers:
+        block.compile()
+
+
+def parallelize(
+    model: nn.Module,
+    *,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+    fsdp_mesh=None,
+    reshard_after_forward: bool = True,
+    param_dtype=None,
+    reduce_dtype=None,
+    cpu_offload: bool = False,
+) -> nn.Module:
+    """Checkpoint, compile, then (when `fsdp_mesh` is given) shard every block and the root with FSDP2."""
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
+    if fsdp_mesh is not None:
+        from ftcore.distributed.fsdp import shard_model
+
+        shard_model(
+            model,
+            fsdp_mesh,
+            reshard_after_forward=reshard_after_forward,
+            param_dtype=param_dtype,
+            reduce_dtype=reduce_dtype,
+            cpu_offload=cpu_offload,
+        )
+    return model

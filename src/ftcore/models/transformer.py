@@ -1,0 +1,308 @@
+"""One readable Llama-family decoder: embedding, N x (RMSNorm, GQA attention with RoPE, RMSNorm,
+SwiGLU MLP), final RMSNorm, output projection (optionally tied to the embedding).
+
+Weights use the Hugging Face layout: RoPE rotates the two halves of each head ("rotate half"),
+so HF checkpoints load by renaming only; Meta and GGUF loaders permute q/k on the way in.
+
+The model is meant to be built on the meta device and materialized with `model.to_empty(...)`;
+`init_weights(model)` (or a checkpointer, which calls `reset_buffers`) then fills it. The RoPE
+frequencies are a non-persistent float32 buffer, so they never enter a checkpoint and are
+recomputed by `reset_buffers` after materialization.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1's RoPE frequency scaling: long wavelengths are divided by `factor`, short ones are
+    kept, and the band between is interpolated smoothly (Meta's llama3.1 reference code)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+
+def rope_inverse_frequencies(
+    head_dim: int, base: float, scaling: Llama3RopeScaling | None = None
+) -> torch.Tensor:
+    """Return the (head_dim // 2,) float32 inverse frequencies theta_i = base^(-2i / head_dim)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (base**exponents)
+    if scaling is None:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
+    # smooth = 0 at the low-frequency edge (fully scaled), 1 at the high-frequency edge (kept)
+    smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, interpolated, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding in the "rotate half" layout: dims i and i + head_dim/2 of each head
+    form one rotating pair. Angles are computed from explicit positions, so packed sequences
+    (positions restarting per document) and cached generation need no precomputed table."""
+
+    def __init__(self, head_dim: int, base: float = 10_000.0, scaling: Llama3RopeScaling | None = None):
+        super().__init__()
+        self.head_dim = head_dim
+        self.base = base
+        self.scaling = scaling
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        if self.inv_freq.is_meta:
+            return
+        inv_freq = rope_inverse_frequencies(self.head_dim, self.base, self.scaling)
+        # to_empty() may have cast the buffer; the frequencies are always kept in float32
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """x: (B, n_heads, T, head_dim); input_pos: (B, T) -> same shape as x, rotated."""
+        angles = input_pos[:, None, :, None].float() * self.inv_freq.float()  # (B, 1, T, head_dim/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (B, 1, T, head_dim)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        first, second = x.chunk(2, dim=-1)
+        rotated_half = torch.cat((-second, first), dim=-1)
+        return x * cos + rotated_half * sin
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as HF and Meta do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_fp32 = x.float()
+        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys and values of past positions, written slot by slot during generation.
+
+    Slots are filled in order (`size` counts them); the RoPE position of a token is separate
+    (`input_pos`), so left-padded batches keep correct positions."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.size = 0
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k_cache.shape[2]
+
+    def reset(self) -> None:
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+        self.size = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (B, n_kv_heads, T, head_dim) -> all filled slots (B, n_kv_heads, size, head_dim)."""
+        seq_len = k.shape[2]
+        if self.size + seq_len > self.max_seq_len:
+            raise ValueError(
+                f"KV cache overflow: {self.size} + {seq_len} tokens > cache length {self.max_seq_len}; "
+                "call setup_cache with a larger max_seq_len"
+            )
+        self.k_cache[:, :, self.size : self.size + seq_len] = k
+        self.v_cache[:, :, self.size : self.size + seq_len] = v
+        self.size += seq_len
+        return self.k_cache[:, :, : self.size], self.v_cache[:, :, : self.size]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: n_heads query heads share n_kv_heads key/value heads."""
+
+    def __init__(
+        self,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        q_proj: nn.Module,
+        k_proj: nn.Module,
+        v_proj: nn.Module,
+        output_proj: nn.Module,
+        rope: RotaryEmbedding,
+    ):
+        super().__init__()
+        if n_heads % n_kv_heads != 0:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.q_proj, self.k_proj, self.v_proj, self.output_proj = q_proj, k_proj, v_proj, output_proj
+        self.rope = rope
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, T, dim); input_pos: (B, T); mask: (B, T, S) bool or None (causal)."""
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # q: (B, n_heads, T, head_dim); k, v: (B, n_kv_heads, T, head_dim)
+        q, k = self.rope(q, input_pos), self.rope(k, input_pos)
+
+        is_causal = mask is None
+        if self.kv_cache is not None:
+            first_slot = self.kv_cache.size
+            k, v = self.kv_cache.update(k, v)  # (B, n_kv_heads, S, head_dim), S = filled slots
+            if mask is None:
+                # causal over cache slots: query t sits in slot first_slot + t
+                query_slots = torch.arange(first_slot, first_slot + seq_len, device=x.device)
+                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= query_slots[:, None]
+                mask = mask[None].expand(batch, -1, -1)
+            else:
+                mask = mask[:, :, : k.shape[2]]
+            is_causal = False
+
+        attn_mask = None if mask is None else mask[:, None]  # (B, 1, T, S) broadcast over heads
+        gqa = self.n_heads != self.n_kv_heads
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa
+        )
+        # out: (B, n_heads, T, head_dim)
+        out = out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
+        return self.output_proj(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x), w1 = gate, w3 = up, w2 = down."""
+
+    def __init__(self, w1: nn.Module, w2: nn.Module, w3: nn.Module):
+        super().__init__()
+        self.w1, self.w2, self.w3 = w1, w2, w3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block; the unit of activation checkpointing and FSDP sharding."""
+
+    def __init__(self, attn: Attention, mlp: FeedForward, attn_norm: RMSNorm, mlp_norm: RMSNorm):
+        super().__init__()
+        self.attn, self.mlp, self.attn_norm, self.mlp_norm = attn, mlp, attn_norm, mlp_norm
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), input_pos, mask)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class TransformerDecoder(nn.Module):
+    """The decoder. `output=None` ties the output projection to the token embedding."""
+
+    def __init__(
+        self,
+        tok_embeddings: nn.Embedding,
+        layers: list[TransformerBlock],
+        norm: RMSNorm,
+        output: nn.Module | None,
+        max_seq_len: int,
+    ):
+        super().__init__()
+        self.tok_embeddings = tok_embeddings
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.output = output
+        self.max_seq_len = max_seq_len
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return self.output is None
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The (vocab, dim) output projection weight (the embedding when tied), for chunked losses."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype, device) -> None:
+        for layer in self.layers:
+            attn = layer.attn
+            attn.kv_cache = KVCache(batch_size, max_seq_len, attn.n_kv_heads, attn.head_dim, dtype, device)
+
+    def reset_cache(self) -> None:
+        for layer in self.layers:
+            if layer.attn.kv_cache is not None:
+                layer.attn.kv_cache.reset()
+
+    def remove_cache(self) -> None:
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+
+    def caches_are_enabled(self) -> bool:
+        return self.layers[0].attn.kv_cache is not None
+
+    def _default_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        start = self.layers[0].attn.kv_cache.size if self.caches_are_enabled() else 0
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        return positions[None].expand(tokens.shape[0], -1)  # (B, T)
+
+    def hidden(self, tokens: torch.Tensor, input_pos=None, mask=None) -> torch.Tensor:
+        """tokens (B, T) -> final-normed hidden states (B, T, dim)."""
+        if input_pos is None:
+            input_pos = self._default_positions(tokens)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, input_pos, mask)
+        return self.norm(h)
+
+    def forward(self, tokens: torch.Tensor, *, input_pos=None, mask=None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab) in float32."""
+        h = self.hidden(tokens, input_pos=input_pos, mask=mask)
+        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        return logits.float()
+
+
+def reset_buffers(model: nn.Module) -> None:
+    """Recompute every non-persistent buffer (RoPE frequencies) after `to_empty` materialization."""
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.reset_buffers()
+
+
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """Randomly initialize a materialized model: normal(0, std) linears and embeddings (HF's
+    `initializer_range`), ones for norms, random NF4 bases, LoRA adapters by their own rule
+    (B = 0, so a fresh adapter changes nothing), and recompute buffers. Call it before a
+    checkpointer load, which then overwrites the base weights it holds."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+            elif hasattr(module, "set_weight"):  # NF4Linear: quantize a random float weight
+                module.set_weight(torch.randn(module.out_dim, module.in_dim) * std)
+            elif isinstance(getattr(module, "weight", None), nn.Parameter):  # LoRALinear's float base
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(getattr(module, "bias", None), nn.Parameter):
+                nn.init.zeros_(module.bias)
+        # after the pass above, which also touched the adapters' inner nn.Linear layers
+        for module in model.modules():
+            if hasattr(module, "reset_lora_parameters"):
+                module.reset_lora_parameters()
+    reset_buffers(model)

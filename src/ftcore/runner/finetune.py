@@ -1,0 +1,217 @@
+"""The part of a fine-tuning recipe that full and LoRA fine-tuning share: build, train, evaluate,
+checkpoint, resume. A recipe supplies only what differs: which parameters train and which weights a
+checkpoint folder holds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, ListConfig
+from safetensors.torch import load_file, save_file
+
+from ftcore.config import instantiate
+from ftcore.runner.loop import TrainLoop
+from ftcore.runner.parts import build_parts
+from ftcore.training import (
+    NonFiniteLossError,
+    atomic_write_dir,
+    explain_oom,
+    find_latest_checkpoint,
+    keep_last_n,
+    load_training_state,
+    plot_loss_curve,
+    save_training_state,
+)
+
+log = logging.getLogger("ftcore")
+
+TRAINABLE_FILE = "trainable.safetensors"  # LoRA: the adapter tensors, exactly, for resume
+WriteWeights = Callable[[Path], dict]
+ReadWeights = Callable[[Path, dict], None]
+
+
+def common_config_keys() -> dict:
+    """Top-level keys every fine-tuning config may hold, with their types (dict: a component node)."""
+    optional_int, optional_float = (int, type(None)), (float, int, type(None))
+    return {
+        "output_dir": str,
+        "checkpoint_dir": str,
+        "seed": int,
+        "device": str,
+        "dtype": str,
+        "tokenizer": dict,
+        "model": dict,
+        "checkpointer": (dict, type(None)),
+        "dataset": dict,
+        "dataset_val": (dict, type(None)),
+        "batch_size": int,
+        "epochs": int,
+        "max_steps": optional_int,
+        "gradient_accumulation_steps": int,
+        "optimizer": dict,
+        "lr_scheduler": (dict, type(None)),
+        "clip_grad_norm": optional_float,
+        "enable_activation_checkpointing": bool,
+        "compile": bool,
+        "loss": (dict, type(None)),
+        "log_every_n_steps": int,
+        "eval_every_n_steps": optional_int,
+        "save_every_n_steps": optional_int,
+        "keep_last_n": optional_int,
+        "early_stopping_patience": optional_int,
+        "metric_logger": (dict, list, type(None)),
+        "resume_from_checkpoint": (bool, str),
+        "evaluators": (list, type(None)),
+        "shuffle": bool,
+        "val_max_batches": optional_int,
+        "plot_loss_curve": bool,
+        "fsdp": (dict, type(None)),
+    }
+
+
+class FinetuneSession:
+    def __init__(
+        self, cfg: DictConfig, select_trainable, write_weights: WriteWeights, read_weights: ReadWeights
+    ):
+        self.cfg = cfg
+        self.parts = build_parts(cfg, select_trainable)
+        self._write_weights, self._read_weights = write_weights, read_weights
+        self._evaluators = [instantiate(node) for node in (cfg.get("evaluators") or ListConfig([]))]
+        p = self.parts
+        has_eval = p.val_loader is not None or self._evaluators
+        self.loop = TrainLoop(
+            p.model,
+            p.optimizer,
+            p.scheduler,
+            p.train_loader,
+            p.train_sampler,
+            p.loss_fn,
+            p.settings,
+            p.logger,
+            self.save_checkpoint,
+            self.evaluate if has_eval else None,
+            device=p.device,
+            is_main=p.is_main,
+            seed=cfg.get("seed", 0),
+        )
+        self._last_saved_step = -1
+
+    # ---- training -------------------------------------------------------------------------------
+    def train(self) -> None:
+        p = self.parts
+        self._maybe_resume()
+        log.info(
+            "training %d steps on %s (%s), output in %s",
+            self.loop.total_steps,
+            p.device,
+            p.dtype,
+            p.output_dir,
+        )
+        try:
+            with explain_oom(
+                {
+                    k: self.cfg.get(k)
+                    for k in ("batch_size", "gradient_accumulation_steps", "enable_activation_checkpointing")
+                }
+            ):
+                self.loop.run()
+        except NonFiniteLossError:
+            log.error("stopped on a non-finite loss; the last good checkpoint is in %s", p.output_dir)
+            raise
+        if self.loop.evaluate and not self.loop.stopped_early:
+            self.loop.run_evaluation()
+        if self._last_saved_step != self.loop.progress.step:
+            self.save_checkpoint(f"step_{self.loop.progress.step:06d}")
+        if p.is_main and self.cfg.get("plot_loss_curve", True):
+            plot_loss_curve(p.output_dir / "metrics.jsonl", p.output_dir / "loss_curve.png")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        p = self.parts
+        p.model.eval()
+        metrics = {}
+        if p.val_loader is not None:
+            limit = self.cfg.get("val_max_batches")
+            total = torch.zeros(2, device=p.device)  # (sum of token losses, trained tokens)
+            for index, batch in enumerate(p.val_loader):
+                if limit is not None and index >= limit:
+                    break
+                loss_sum, tokens = p.loss_fn(p.model, batch)
+                total += torch.stack([loss_sum.float(), torch.as_tensor(tokens, device=p.device).float()])
+            if dist.is_initialized():
+                dist.all_reduce(total)
+            metrics["val_loss"] = float(total[0] / total[1].clamp(min=1))
+        for evaluator in self._evaluators:
+            metrics.update(evaluator(p.model, p.tokenizer))
+        p.model.train()
+        return metrics
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self, tag: str) -> None:
+        """Write `output_dir/tag` atomically: a kill mid-save leaves the previous checkpoint intact."""
+        p, progress = self.parts, self.loop.progress
+        progress.extra = self.loop.state_dict()
+        with atomic_write_dir(p.output_dir / tag) as folder:
+            trainable = self._write_weights(folder)
+            if trainable:
+                save_file(
+                    {k: v.detach().contiguous().cpu() for k, v in trainable.items()},
+                    str(folder / TRAINABLE_FILE),
+                )
+            save_training_state(folder, optimizer=p.optimizer, scheduler=p.scheduler, progress=progress)
+        if tag != "best":  # `best` is extra: the run still ends with a step/epoch checkpoint to resume from
+            self._last_saved_step = progress.step
+        if self.cfg.get("keep_last_n"):
+            keep_last_n(p.output_dir, self.cfg.keep_last_n)
+        log.info("saved checkpoint %s at step %d", p.output_dir / tag, progress.step)
+
+    def _maybe_resume(self) -> None:
+        resume = self.cfg.get("resume_from_checkpoint", False)
+        if resume is False:
+            return
+        folder = find_latest_checkpoint(self.parts.output_dir) if resume is True else Path(resume)
+        if folder is None:
+            log.info(
+                "resume_from_checkpoint is set but %s holds no checkpoint yet: starting fresh",
+                self.parts.output_dir,
+            )
+            return
+        trainable = load_file(str(folder / TRAINABLE_FILE)) if (folder / TRAINABLE_FILE).is_file() else {}
+        self._read_weights(folder, trainable)
+        progress = load_training_state(folder, optimizer=self.parts.optimizer, scheduler=self.parts.scheduler)
+        self.loop.load_state_dict(progress)
+        self._last_saved_step = progress.step
+        log.info("resumed from %s at step %d", folder, progress.step)
+
+    # ---- whole-model weights (full fine-tuning, merged LoRA export) ------------------------------
+    def save_model(self, folder: Path, state_dict: dict | None = None) -> None:
+        from ftcore.runner.weights import save_model_weights
+
+        save_model_weights(self.parts.checkpointer, state_dict or self.parts.model.state_dict(), folder)
+
+    def load_model(self, folder: Path) -> None:
+        from ftcore.runner.weights import load_model_weights
+
+        load_model_weights(self.parts.model, folder)
+
+    def save_final_model(self, state_dict: dict) -> None:
+        with atomic_write_dir(self.parts.output_dir / "merged_model") as folder:
+            self.save_model(folder, state_dict)
+
+    def cleanup(self) -> None:
+        self.parts.logger.close()
+
+
+def run_recipe(recipe) -> None:
+    """What every recipe's `recipe_main` does: set up, train, and always clean up."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    recipe.setup()
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()

@@ -1,0 +1,172 @@
+"""Build every part of a fine-tuning run from its config, in the order that fails fast.
+
+Cheap, error-prone parts (tokenizer, datasets) come before the model, so a bad data file or a
+tokenizer that does not fit the model stops the run before any weight is read.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from ftcore.config import instantiate
+from ftcore.distributed.parallelize import parallelize
+from ftcore.runner.loop import LoopSettings
+from ftcore.runner.setup import build_loader, build_model, resolve_device, resolve_dtype, seed_everything
+
+log = logging.getLogger("ftcore")
+
+
+@dataclass
+class RunParts:
+    cfg: DictConfig
+    device: torch.device
+    dtype: torch.dtype
+    rank: int
+    world_size: int
+    output_dir: Path
+    tokenizer: object
+    checkpointer: object | None
+    model: torch.nn.Module
+    train_loader: object
+    train_sampler: object
+    val_loader: object | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    logger: object
+    loss_fn: Callable
+    settings: LoopSettings
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def loop_settings(cfg: DictConfig) -> LoopSettings:
+    return LoopSettings(
+        epochs=cfg.get("epochs", 1),
+        max_steps=cfg.get("max_steps"),
+        gradient_accumulation_steps=cfg.get("gradient_accumulation_steps", 1),
+        clip_grad_norm=cfg.get("clip_grad_norm"),
+        log_every_n_steps=cfg.get("log_every_n_steps", 1),
+        eval_every_n_steps=cfg.get("eval_every_n_steps"),
+        save_every_n_steps=cfg.get("save_every_n_steps"),
+        early_stopping_patience=cfg.get("early_stopping_patience"),
+    )
+
+
+def _rank_and_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class _SilentLogger:
+    """What ranks other than 0 log to: nothing, so every metric is written once."""
+
+    def log(self, metrics, step) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def build_logger(cfg: DictConfig, output_dir: Path, is_main: bool):
+    """The config's `metric_logger` (one component or a list; stdout by default) plus metrics.jsonl,
+    which is always written: the loss-curve plot reads it."""
+    from ftcore.training import JSONLLogger, MultiLogger, build_metric_logger
+
+    if not is_main:
+        return _SilentLogger()
+    return MultiLogger(
+        [build_metric_logger(cfg.get("metric_logger")), JSONLLogger(output_dir / "metrics.jsonl")]
+    )
+
+
+def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], list]) -> RunParts:
+    """Build the run. `select_trainable(model)` freezes what must stay frozen and returns the trainable parameters."""
+    rank, world_size = _rank_and_world()
+    device = resolve_device(cfg.get("device", "auto"))
+    dtype = resolve_dtype(cfg.get("dtype", "bf16"), device)
+    seed = cfg.get("seed", 0)
+    seed_everything(seed)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    from ftcore.data.collate import padded_collate
+
+    tokenizer = instantiate(cfg.tokenizer)
+    train_set = instantiate(cfg.dataset, tokenizer)
+    val_set = instantiate(cfg.dataset_val, tokenizer) if cfg.get("dataset_val") is not None else None
+    batch_size = cfg.batch_size
+    collate = functools.partial(padded_collate, pad_id=tokenizer.pad_id)
+    shuffle = cfg.get("shuffle", True)
+    train_loader, train_sampler = build_loader(
+        train_set, collate, batch_size, shuffle, seed, rank, world_size
+    )
+    val_loader = None
+    if val_set is not None:
+        val_loader, _ = build_loader(val_set, collate, batch_size, False, seed, rank, world_size)
+
+    checkpointer = instantiate(cfg.checkpointer) if cfg.get("checkpointer") is not None else None
+    model = build_model(cfg.model, device, dtype, checkpointer)
+    _check_vocab(tokenizer, model)
+    trainable = select_trainable(model)
+    parallelize(
+        model,
+        activation_checkpointing=cfg.get("enable_activation_checkpointing", False),
+        compile=cfg.get("compile", False),
+    )
+
+    optimizer = instantiate(cfg.optimizer, trainable)
+    settings = loop_settings(cfg)
+    steps = len(train_loader) // settings.gradient_accumulation_steps * settings.epochs
+    total_steps = min(steps, settings.max_steps) if settings.max_steps else steps
+    scheduler = None
+    if cfg.get("lr_scheduler") is not None:
+        scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
+    loss_fn = _build_loss(cfg, device)
+    logger = build_logger(cfg, output_dir, rank == 0)
+    return RunParts(
+        cfg,
+        device,
+        dtype,
+        rank,
+        world_size,
+        output_dir,
+        tokenizer,
+        checkpointer,
+        model,
+        train_loader,
+        train_sampler,
+        val_loader,
+        optimizer,
+        scheduler,
+        logger,
+        loss_fn,
+        settings,
+    )
+
+
+def _check_vocab(tokenizer, model) -> None:
+    from ftcore.data.tokenizers import check_vocab_matches
+
+    check_vocab_matches(tokenizer, model.tok_embeddings.num_embeddings)
+
+
+def _build_loss(cfg: DictConfig, device: torch.device) -> Callable:
+    """Return loss_fn(model, batch) -> (sum of token losses, number of trained tokens)."""
+    from ftcore.runner.loss import LanguageModelLoss
+
+    loss = instantiate(cfg.loss) if cfg.get("loss") is not None else LanguageModelLoss()
+
+    def loss_fn(model, batch):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        return loss(model, batch)
+
+    return loss_fn

@@ -1,0 +1,109 @@
+"""The resumable training state: optimizer, scheduler, progress, data position and every RNG.
+
+Saved next to the weights as `training_state.pt` (+ a small `training_state.json` summary). Restoring
+all of it makes a resumed run bit-identical to one that never stopped, on CPU: the optimizer moments,
+the lr schedule's step, the position in the epoch (batches already consumed), the sampler seed that
+fixes each epoch's shuffle, and the torch/CUDA/Python/NumPy generators that drive dropout and shuffling.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ftcore.training.checkpoint_io import STATE_FILE, STATE_SUMMARY, atomic_torch_save, atomic_write_json
+
+
+@dataclass
+class TrainingProgress:
+    step: int  # optimizer steps taken so far
+    epoch: int  # current epoch (0-based)
+    batches_in_epoch: int  # batches of `epoch` already consumed; resume skips this many
+    sampler_seed: int  # the seed the data sampler shuffles with (epoch e uses sampler_seed + e)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. early stopping state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        # NumPy's MT19937 state as plain values, so the file loads with weights_only=True.
+        "numpy": {
+            "name": numpy_state[0],
+            "keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+            "pos": int(numpy_state[2]),
+            "has_gauss": int(numpy_state[3]),
+            "cached_gaussian": float(numpy_state[4]),
+        },
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["name"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+
+
+def save_training_state(
+    checkpoint_dir: str | Path,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    progress: TrainingProgress,
+) -> Path:
+    """Write training_state.pt and training_state.json into checkpoint_dir (each atomically)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "progress": asdict(progress),
+        "rng": capture_rng_state(),
+    }
+    path = atomic_torch_save(state, checkpoint_dir / STATE_FILE)
+    # The summary is written last: find_latest_checkpoint only trusts folders that have it.
+    atomic_write_json({"step": progress.step, "epoch": progress.epoch}, checkpoint_dir / STATE_SUMMARY)
+    return path
+
+
+def load_training_state(
+    checkpoint_dir: str | Path,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    restore_rng: bool = True,
+) -> TrainingProgress:
+    """Restore optimizer, scheduler and (by default) RNG states in place; return the saved progress."""
+    path = Path(checkpoint_dir) / STATE_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"no {STATE_FILE} in {checkpoint_dir}: resume needs a checkpoint saved by a training run "
+            "(pick a step_*/epoch_* folder, or drop resume_from_checkpoint)"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        if state["scheduler"] is None:
+            raise ValueError(f"{path} was saved without an lr scheduler but this run has one")
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        restore_rng_state(state["rng"])
+    return TrainingProgress(**state["progress"])

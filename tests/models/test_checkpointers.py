@@ -1,0 +1,134 @@
+"""Meta and HF checkpointers: layout conversion against HF weights, and clear load errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ftcore.models as M
+from ftcore.models.checkpoint_hf import hf_model_sizes, read_hf_config
+from ftcore.models.hf_names import ftcore_to_hf
+from tests.models.helpers import load_ftcore, make_hf_model
+
+
+def _to_meta_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Written out by definition, row by row: in HF's layout dims i and i + d/2 of a head rotate
+    together; Meta stores that pair at rows 2i and 2i + 1."""
+    head_dim = weight.shape[0] // n_heads
+    out = torch.empty_like(weight)
+    for head in range(n_heads):
+        base = head * head_dim
+        for i in range(head_dim // 2):
+            out[base + 2 * i] = weight[base + i]
+            out[base + 2 * i + 1] = weight[base + head_dim // 2 + i]
+    return out
+
+
+def _hf_to_meta_state(hf_state: dict, n_heads: int, n_kv_heads: int) -> dict:
+    meta = {
+        "tok_embeddings.weight": hf_state["model.embed_tokens.weight"],
+        "norm.weight": hf_state["model.norm.weight"],
+        "output.weight": hf_state["lm_head.weight"],
+    }
+    names = {"self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1",
+             "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
+             "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+    for layer in range(2):
+        hf = f"model.layers.{layer}."
+        meta[f"layers.{layer}.attention.wq.weight"] = _to_meta_interleaved(
+            hf_state[hf + "self_attn.q_proj.weight"], n_heads
+        )
+        meta[f"layers.{layer}.attention.wk.weight"] = _to_meta_interleaved(
+            hf_state[hf + "self_attn.k_proj.weight"], n_kv_heads
+        )
+        for hf_name, meta_name in names.items():
+            meta[f"layers.{layer}.{meta_name}.weight"] = hf_state[f"{hf}{hf_name}.weight"]
+    return meta
+
+
+def test_meta_checkpoint_loads_with_hf_logits_and_saves_identically(tmp_path):
+    hf_model = make_hf_model("llama3_1")
+    hf_model.save_pretrained(tmp_path / "hf")
+    meta_state = _hf_to_meta_state(hf_model.state_dict(), n_heads=4, n_kv_heads=2)
+    (tmp_path / "meta").mkdir()
+    torch.save(meta_state, tmp_path / "meta" / "consolidated.00.pth")
+    (tmp_path / "meta" / "params.json").write_text("{}")
+
+    sizes = hf_model_sizes(read_hf_config(tmp_path / "hf"))
+    with torch.device("meta"):
+        model = M.transformer_decoder(**sizes)
+    model.to_empty(device="cpu")
+    M.MetaCheckpointer(str(tmp_path / "meta")).load_into(model)
+    tokens = torch.randint(0, 128, (1, 70))
+    with torch.no_grad():
+        assert (model(tokens) - hf_model(tokens).logits).abs().max().item() <= 1e-4
+
+    M.MetaCheckpointer(str(tmp_path / "meta")).save(
+        model.state_dict(), tmp_path / "saved", n_heads=4, n_kv_heads=2
+    )
+    saved = torch.load(tmp_path / "saved" / "consolidated.00.pth", weights_only=True)
+    assert saved.keys() == meta_state.keys()
+    assert all(torch.equal(saved[k], meta_state[k]) for k in meta_state)
+    assert (tmp_path / "saved" / "params.json").is_file()
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    make_hf_model("llama2").save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _edit_checkpoint(folder, edit):
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    edit(state)
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(hf_dir):
+    _edit_checkpoint(hf_dir, lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing 1 tensor.*layers\.1\.mlp\.w3\.weight"):
+        load_ftcore(hf_dir)
+
+
+def test_unexpected_tensor_is_named(hf_dir):
+    _edit_checkpoint(hf_dir, lambda s: s.update({"model.layers.5.mlp.up_proj.weight": torch.zeros(128, 64)}))
+    with pytest.raises(ValueError, match=r"unexpected tensor.*model\.layers\.5\.mlp\.up_proj\.weight"):
+        load_ftcore(hf_dir)
+
+
+def test_misshapen_tensor_is_named(hf_dir):
+    _edit_checkpoint(hf_dir, lambda s: s.update({"model.norm.weight": torch.ones(65)}))
+    with pytest.raises(ValueError, match=r"shape mismatch.*model\.norm\.weight.*\(65,\).*\(64,\)"):
+        load_ftcore(hf_dir)
+
+
+def test_lora_and_qlora_models_load_base_weights(hf_dir):
+    """Base weights stream into LoRALinear layers under their plain `weight` keys: float bases give
+    the base model's logits (fresh adapters have B = 0); NF4 bases hold the quantized checkpoint."""
+    reference = load_ftcore(hf_dir)
+    sizes = hf_model_sizes(read_hf_config(hf_dir))
+    hf_state = load_file(hf_dir / "model.safetensors")
+    tokens = torch.randint(0, 128, (1, 12))
+    for quantize_base in (False, True):
+        with torch.device("meta"):
+            model = M.lora_transformer_decoder(
+                ["q_proj", "v_proj"], apply_lora_to_mlp=True, quantize_base=quantize_base, **sizes
+            )
+        model.to_empty(device="cpu")
+        M.init_weights(model)
+        M.HFCheckpointer(str(hf_dir)).load_into(model)
+        if not quantize_base:
+            with torch.no_grad():
+                assert (model(tokens) - reference(tokens)).abs().max().item() <= 1e-5
+            continue
+        # NF4 keeps ~7% relative error on normal weights (QLoRA paper); garbage or zeros would not
+        for name in ("layers.0.attn.q_proj", "layers.1.mlp.w2", "layers.1.attn.k_proj"):
+            loaded = model.get_submodule(name)
+            dequantized = (
+                loaded.base_weight() if hasattr(loaded, "base_weight") else loaded.weight_nf4.dequantize()
+            )
+            original = hf_state[ftcore_to_hf(name + ".weight")]
+            relative_error = (dequantized.float() - original).norm() / original.norm()
+            assert relative_error < 0.15, (name, relative_error)

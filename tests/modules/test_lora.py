@@ -1,0 +1,235 @@
+"""LoRALinear against HF PEFT's LoRA/DoRA layer (an independent implementation), plus the helpers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ftcore.modules.lora import (
+    LoRALinear,
+    disable_adapters,
+    get_adapter_params,
+    get_merged_state_dict,
+    merge_lora_weights,
+    set_trainable_params,
+    unmerge_lora_weights,
+)
+
+IN, OUT, RANK, ALPHA = 12, 10, 4, 8.0
+
+
+class OneLayer(nn.Module):
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.proj = nn.Linear(IN, OUT, bias=bias)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def make_pair(use_dora: bool, bias: bool, seed: int = 0):
+    """Our LoRALinear and a PEFT-wrapped nn.Linear holding identical, non-trivial weights."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    base = OneLayer(bias)
+    ours = LoRALinear(IN, OUT, RANK, ALPHA, use_bias=bias, use_dora=use_dora)
+    with torch.no_grad():
+        ours.weight.copy_(base.proj.weight)
+        if bias:
+            ours.bias.copy_(base.proj.bias)
+        ours.lora_b.weight.normal_()  # non-zero B so the adapter path matters
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"], use_dora=use_dora)
+    theirs = peft.get_peft_model(base, config)
+    layer = theirs.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(ours.lora_a.weight)
+        layer.lora_B["default"].weight.copy_(ours.lora_b.weight)
+        if use_dora:
+            ours.magnitude.uniform_(0.5, 2.0)
+            layer.lora_magnitude_vector["default"].weight.copy_(ours.magnitude)
+    return ours, theirs, layer
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_and_grads_match_peft(use_dora, bias):
+    ours, theirs, layer = make_pair(use_dora, bias)
+    x = torch.randn(3, 5, IN)
+    out_ours, out_theirs = ours(x), theirs(x)
+    torch.testing.assert_close(out_ours, out_theirs, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(out_ours)
+    out_ours.backward(grad_out)
+    out_theirs.backward(grad_out)
+    torch.testing.assert_close(
+        ours.lora_a.weight.grad, layer.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        ours.lora_b.weight.grad, layer.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4
+    )
+    if use_dora:
+        torch.testing.assert_close(
+            ours.magnitude.grad, layer.lora_magnitude_vector["default"].weight.grad, atol=1e-5, rtol=1e-4
+        )
+    assert ours.weight.grad is None  # the base stays frozen
+
+
+def test_init_follows_the_paper():
+    torch.manual_seed(0)
+    layer = LoRALinear(256, 64, rank=8, alpha=16)
+    assert torch.count_nonzero(layer.lora_b.weight) == 0
+    # Kaiming-uniform with a=sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_dim.
+    bound = 1 / math.sqrt(256)
+    assert layer.lora_a.weight.abs().max() <= bound
+    assert layer.lora_a.weight.abs().max() > 0.9 * bound
+    x = torch.randn(2, 256)
+    torch.testing.assert_close(layer(x), x @ layer.weight.T)  # B = 0: adapted == base at step 0
+    assert layer.scaling == 2.0
+
+
+def test_dora_magnitude_starts_at_row_norm_of_base():
+    torch.manual_seed(0)
+    layer = LoRALinear(IN, OUT, RANK, ALPHA, use_dora=True)
+    with torch.no_grad():
+        layer.weight.normal_()
+    layer.initialize_dora_magnitude()
+    expected = torch.sqrt((layer.weight**2).sum(dim=1))
+    torch.testing.assert_close(layer.magnitude.detach(), expected)
+    x = torch.randn(4, IN)
+    torch.testing.assert_close(layer(x), x @ layer.weight.T)
+
+
+class Tiny(nn.Module):
+    def __init__(self, use_dora=False):
+        super().__init__()
+        self.q = LoRALinear(IN, OUT, RANK, ALPHA, use_bias=True, use_dora=use_dora)
+        self.norm = nn.LayerNorm(OUT)
+        self.out = nn.Linear(OUT, 3)
+
+    def forward(self, x):
+        return self.out(self.norm(self.q(x)))
+
+
+def randomize_adapters(model):
+    with torch.no_grad():
+        for param in get_adapter_params(model).values():
+            param.normal_()
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_unmerge_round_trip(use_dora):
+    torch.manual_seed(0)
+    model = Tiny(use_dora)
+    randomize_adapters(model)
+    x = torch.randn(6, IN)
+    before, base_before = model(x), model.q.weight.detach().clone()
+    merge_lora_weights(model)
+    assert model.q.merged
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+    # The merged layer is exactly an nn.Linear with the merged weight.
+    plain = x @ model.q.weight.T + model.q.bias
+    torch.testing.assert_close(model.q(x), plain)
+    unmerge_lora_weights(model)
+    torch.testing.assert_close(model.q.weight, base_before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_disable_adapters_gives_base_output():
+    torch.manual_seed(0)
+    model = Tiny(use_dora=True)
+    randomize_adapters(model)
+    x = torch.randn(6, IN)
+    adapted = model(x)
+    base = model.out(model.norm(x @ model.q.weight.T + model.q.bias))
+    with disable_adapters(model):
+        torch.testing.assert_close(model(x), base)
+    torch.testing.assert_close(model(x), adapted)
+
+
+def test_adapter_params_and_trainable_set():
+    model = Tiny(use_dora=True)
+    names = set(get_adapter_params(model))
+    assert names == {"q.lora_a.weight", "q.lora_b.weight", "q.magnitude"}
+    set_trainable_params(model, get_adapter_params(model))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == names
+    with pytest.raises(ValueError, match="not parameters"):
+        set_trainable_params(model, ["q.lora_c.weight"])
+
+
+def test_state_dict_keys_and_merged_export():
+    torch.manual_seed(0)
+    model = Tiny(use_dora=True)
+    randomize_adapters(model)
+    assert set(model.state_dict()) >= {
+        "q.weight",
+        "q.bias",
+        "q.lora_a.weight",
+        "q.lora_b.weight",
+        "q.magnitude",
+    }
+    merged = get_merged_state_dict(model)
+    assert set(merged) == {"q.weight", "q.bias", "norm.weight", "norm.bias", "out.weight", "out.bias"}
+    # Loading the merged dict into the same architecture built with plain Linear layers reproduces it.
+    plain = nn.Sequential()
+    plain.q, plain.norm, plain.out = nn.Linear(IN, OUT), nn.LayerNorm(OUT), nn.Linear(OUT, 3)
+    plain.load_state_dict(merged)
+    x = torch.randn(5, IN)
+    torch.testing.assert_close(plain(x), model(x), atol=1e-5, rtol=1e-5)
+    assert not model.q.merged  # export does not touch the model
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="rank"):
+        LoRALinear(8, 8, rank=0, alpha=1)
+    with pytest.raises(ValueError, match="dropout"):
+        LoRALinear(8, 8, rank=2, alpha=1, dropout=1.5)
+    with pytest.raises(ValueError, match="use_dora"):
+        LoRALinear(8, 8, rank=2, alpha=1).initialize_dora_magnitude()
+
+
+def test_dropout_applies_only_to_the_adapter_path():
+    torch.manual_seed(0)
+    layer = LoRALinear(IN, OUT, RANK, ALPHA, dropout=0.5)
+    x = torch.randn(64, IN)
+    layer.train()
+    torch.testing.assert_close(layer(x), x @ layer.weight.T)  # B = 0: dropout cannot change output
+    with torch.no_grad():
+        layer.lora_b.weight.normal_()
+    assert not torch.allclose(layer(x), layer(x))  # training: random masks differ
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer(x))
+
+
+def test_qlora_base_loads_float_weight_and_keeps_key_names():
+    torch.manual_seed(0)
+    in_dim, out_dim = 128, 64  # NF4 needs in_dim divisible by its block size of 64
+    float_layer = LoRALinear(in_dim, out_dim, RANK, ALPHA, use_bias=True)
+    with torch.no_grad():
+        float_layer.lora_b.weight.normal_()
+        float_layer.bias.normal_()
+    qlora = LoRALinear(in_dim, out_dim, RANK, ALPHA, use_bias=True, quantize_base=True)
+    qlora.load_state_dict(float_layer.state_dict())
+    keys = set(qlora.state_dict())
+    assert keys == {"weight", "bias", "lora_a.weight", "lora_b.weight"}
+    saved_weight = qlora.state_dict()["weight"]
+    assert saved_weight.dtype == torch.bfloat16 and saved_weight.shape == (out_dim, in_dim)
+    # NF4 is lossy: the stored base is close to the float one (4-bit, blockwise absmax)...
+    rel_err = (saved_weight.float() - float_layer.weight).norm() / float_layer.weight.norm()
+    assert 0 < rel_err < 0.15
+    # ...and forward is exactly the LoRA formula over that dequantized base.
+    x = torch.randn(3, in_dim)
+    base = qlora.nf4_base.weight_nf4.dequantize(torch.float32)  # nf4_linear dequantizes to x's dtype
+    torch.testing.assert_close(base.bfloat16(), saved_weight)
+    expected = x @ base.T + ALPHA / RANK * (x @ qlora.lora_a.weight.T @ qlora.lora_b.weight.T)
+    out = qlora(x) - qlora.bias
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    out.sum().backward()
+    assert qlora.lora_a.weight.grad is not None and qlora.lora_b.weight.grad is not None
+    with pytest.raises(ValueError, match="get_merged_state_dict"):
+        qlora.merge()
+    merged = get_merged_state_dict(qlora)
+    assert set(merged) == {"weight", "bias"}
+    torch.testing.assert_close(merged["weight"].float(), qlora.merged_weight().float())

@@ -1,0 +1,135 @@
+"""End-to-end runs of the fine-tuning recipes on the embedded demo task, on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ftcore.training import NonFiniteLossError
+from tests.recipes.helpers import demo_config, load_recipe_module, run, trained_weights
+
+
+def _logged(output_dir, key):
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row[key] for row in rows if key in row]
+
+
+def test_full_finetune_lowers_loss_and_writes_checkpoint(tmp_path, last_checkpoint):
+    run("full_finetune", demo_config("demo/reverse_full", tmp_path, "plot_loss_curve=true"))
+    losses = _logged(tmp_path, "loss")
+    assert len(losses) == 32 and losses[-1] < 0.8 * losses[0]
+    folder = last_checkpoint(tmp_path)
+    assert (folder / "model" / "ftcore_model.safetensors").is_file()
+    assert (tmp_path / "loss_curve.png").stat().st_size > 0
+    assert _logged(tmp_path, "exact_match"), "the final evaluation ran the exact-match evaluator"
+
+
+@pytest.mark.parametrize("quantize_base", [False, True], ids=["lora", "qlora"])
+def test_lora_recipe_trains_adapters_only_and_exports_peft(tmp_path, last_checkpoint, quantize_base):
+    # NF4 blocks are 64 weights along the input dimension, so the MLP width is a multiple of 64.
+    cfg = demo_config(
+        "demo/reverse_lora",
+        tmp_path,
+        f"model.quantize_base={str(quantize_base).lower()}",
+        "model.hidden_dim=384",
+    )
+    run("lora_finetune", cfg)
+    losses = _logged(tmp_path, "loss")
+    assert losses[-1] < losses[0]
+    folder = last_checkpoint(tmp_path)
+    assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+    config = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["lora_alpha"] == 32
+    saved = trained_weights(folder)
+    assert saved and all("lora_" in name or "magnitude" in name for name in saved)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    # SGD: Adam would divide tiny float differences in near-zero gradients by their own size.
+    common = [
+        "shuffle=false",
+        "max_steps=3",
+        "dataset.source.num_rows=64",
+        "~lr_scheduler",
+        "~evaluators",
+        "optimizer=torch.optim.SGD",
+        "optimizer.lr=0.5",
+    ]
+    run("full_finetune", demo_config("demo/reverse_full", tmp_path / "big", "batch_size=8", *common))
+    run(
+        "full_finetune",
+        demo_config(
+            "demo/reverse_full", tmp_path / "acc", "batch_size=4", "gradient_accumulation_steps=2", *common
+        ),
+    )
+    big = trained_weights(tmp_path / "big" / "step_000003")
+    accumulated = trained_weights(tmp_path / "acc" / "step_000003")
+    assert big.keys() == accumulated.keys()
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], atol=2e-6, rtol=1e-5, msg=name)
+
+
+def test_early_stopping_keeps_best_checkpoint(tmp_path):
+    # With lr=0 the validation loss never improves after the first evaluation.
+    cfg = demo_config(
+        "demo/reverse_full",
+        tmp_path,
+        "optimizer.lr=0.0",
+        "~lr_scheduler",
+        "eval_every_n_steps=1",
+        "early_stopping_patience=2",
+        "~evaluators",
+    )
+    run("full_finetune", cfg)
+    assert _logged(tmp_path, "early_stopped_at_step") == [3]
+    assert (tmp_path / "best" / "training_state.pt").is_file()
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    module = load_recipe_module("full_finetune")
+    recipe = module.FullFinetuneRecipe(
+        demo_config("demo/reverse_full", tmp_path, "save_every_n_steps=2", "~evaluators")
+    )
+    recipe.setup()
+    loop, calls = recipe.session.loop, []
+    real_loss = loop.loss_fn
+
+    def loss_turning_nan(model, batch):
+        calls.append(1)
+        loss, tokens = real_loss(model, batch)
+        return (loss * float("nan") if len(calls) == 5 else loss), tokens
+
+    loop.loss_fn = loss_turning_nan
+    with pytest.raises(NonFiniteLossError, match="step 5"):
+        recipe.train()
+    assert json.loads((tmp_path / "step_000004" / "training_state.json").read_text())["step"] == 4
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path):
+    module = load_recipe_module("lora_finetune")
+    recipe = module.LoRAFinetuneRecipe(
+        demo_config(
+            "demo/reverse_lora",
+            tmp_path,
+            "save_every_n_steps=2",
+            "max_steps=4",
+            "~evaluators",
+            "~lr_scheduler",
+        )
+    )
+    recipe.setup()
+    real_write = recipe._write_weights
+
+    def write_then_die(folder):
+        if "step_000004" in str(folder) or recipe.session.loop.progress.step == 4:
+            raise KeyboardInterrupt("killed while saving")
+        return real_write(folder)
+
+    recipe.session._write_weights = write_then_die
+    with pytest.raises(KeyboardInterrupt):
+        recipe.train()
+    assert (tmp_path / "step_000002" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "step_000004").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")], "partial save left behind"

@@ -1,0 +1,81 @@
+"""Exact resume: a real `ftcore run` killed with SIGKILL between steps, then resumed, ends with the
+same weights, bit for bit, as a run that never stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tests.recipes.helpers import trained_weights
+
+OVERRIDES = [
+    "dataset.source.num_rows=512",
+    "~dataset_val",
+    "~evaluators",
+    "batch_size=8",
+    "epochs=2",
+    "max_steps=60",
+    "save_every_n_steps=4",
+    "keep_last_n=3",
+    "log_every_n_steps=1",
+    "plot_loss_curve=false",
+    "model.lora_dropout=0.1",
+]
+
+
+def _ftcore_run(output_dir: Path, *extra: str) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "ftcore.cli.main",
+        "run",
+        "lora_finetune",
+        "--config",
+        "demo/reverse_lora",
+        f"output_dir={output_dir}",
+        *OVERRIDES,
+        *extra,
+    ]
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"run ended before {path} appeared: {process.stderr.read()}"
+        assert time.time() < deadline, f"{path} did not appear in {timeout} s"
+        time.sleep(0.02)
+
+
+def test_kill_9_then_resume_gives_identical_weights(tmp_path):
+    straight = _ftcore_run(tmp_path / "straight")
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+
+    killed = _ftcore_run(tmp_path / "killed")
+    _wait_for(tmp_path / "killed" / "step_000008" / "training_state.json", killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "step_000060").exists(), "the run finished before it could be killed"
+
+    resumed = _ftcore_run(tmp_path / "killed", "resume_from_checkpoint=true")
+    stderr = resumed.communicate(timeout=300)[1]
+    assert resumed.returncode == 0, stderr
+    assert "resumed from" in stderr
+
+    expected = trained_weights(tmp_path / "straight" / "step_000060")
+    actual = trained_weights(tmp_path / "killed" / "step_000060")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
