@@ -114,7 +114,7 @@ def build_model(name: str, mode: str, rank: int, device: torch.device) -> nn.Mod
         model.to_empty(device=device)
         with torch.no_grad():
             ftcore.models.init_weights(model)
-            if mode == "qlora":
+            if mode == "qlora" and device.type != "meta":  # on meta (FLOP counting) there is nothing to fill
                 load_random_nf4_bases(model, device)
     finally:
         torch.set_default_dtype(previous)
@@ -195,6 +195,9 @@ def measure_matmul_peak_tflops(device: torch.device, dtype=torch.bfloat16) -> fl
         _sync(device)
         if i >= 3:
             times.append(time.perf_counter() - start)
+    del a, b
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # keep the probe's buffers out of the run's reserved-memory figure
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
@@ -272,7 +275,7 @@ def run_training(args: argparse.Namespace) -> dict:
         **_memory_fields(device),
         last_loss=round(float(loss.detach()), 4),
         flops_per_step=flops,
-        matmul_peak_tflops=round(peak_tflops, 1),
+        matmul_peak_tflops=round(peak_tflops, 3),
         mfu=round(flops / step_s / (peak_tflops * 1e12), 4),
         flops_note=FLOPS_NOTE,
     )

@@ -66,12 +66,13 @@ setup() {
 }
 
 checks() {
-  step "pytest -m gpu" 20 60 "${PY[@]}" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors -rs tests
+  step "pytest -m gpu" 20 60 "${PY[@]}" -m pytest -m gpu -v -v -p no:cacheprovider --continue-on-collection-errors \
+    --durations=5 -rs tests
   [[ -f scripts/gpu_nf4_checks.py ]] && step "gpu_nf4_checks" 15 40 "${PY[@]}" scripts/gpu_nf4_checks.py --out "$OUT/nf4_checks.json"
   [[ -f scripts/bench_nf4.py ]] && step "bench_nf4" 15 40 "${PY[@]}" scripts/bench_nf4.py --out "$OUT/bench_nf4.json"
 }
 
-vs_peer() { scripts/bench_vs_peer.sh --no-table "$@"; }
+vs_peer() { bash scripts/bench_vs_peer.sh --no-table "$@"; }
 
 generation() {
   step "generate 1B bs1" 20 60 "${PY[@]}" scripts/bench.py --model llama3_2_1b --generate 128 --prompt-len 128 \
@@ -82,7 +83,8 @@ generation() {
 # Each run: SYSTEM:MODE:COMPILE:MIN_S:CAP_S (bench_vs_peer.sh skips it when MIN_S no longer fits).
 plan_all() {
   checks
-  vs_peer ftcore:lora:eager:45:100 ftcore:qlora:eager:60:130 peer:lora:compile:120:210 peer:qlora:compile:150:240
+  # Pairs first (ftcore eager beside torchtune compiled), so a short run still yields complete ratios.
+  vs_peer ftcore:lora:eager:45:100 peer:lora:compile:120:210 ftcore:qlora:eager:60:130 peer:qlora:compile:150:240
   generation
   vs_peer --model llama3_2_3b ftcore:full:eager:35:90 peer:full:eager:40:90
   vs_peer ftcore:lora:compile:100:200 ftcore:qlora:compile:120:220 peer:lora:eager:45:90 peer:qlora:eager:60:120

@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +142,26 @@ def test_table_pairs_ftcore_with_the_peer(bench, tmp_path):
 def test_non_positive_sizes_are_rejected(bench, flag):
     with pytest.raises(ValueError, match=flag):
         bench.parse_args([flag, "0"])
+
+
+def test_bench_vs_peer_script_runs_ftcore_and_skips_what_does_not_fit(tmp_path):
+    """The shell driver on CPU: one tiny ftcore run lands in the JSONL and the table; a peer run whose
+    minimum time no longer fits before the deadline is recorded as skipped (and nothing is installed)."""
+    script = BENCH_PATH.parent / "bench_vs_peer.sh"
+    env = dict(
+        os.environ,
+        OUT=str(tmp_path),
+        BENCH_DEADLINE=str(int(time.time()) + 3600),
+        BENCH_EXTRA_ARGS="--device cpu --warm 1 --steps 2",
+    )
+    runs = ["ftcore:lora:eager:0:300", "peer:lora:compile:99999:300"]
+    cmd = ["bash", str(script), "--model", "tiny", "--bs", "1", "--seq", "16", *runs]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = [json.loads(line) for line in (tmp_path / "bench_results.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    ours, peer = records
+    assert ours["tokens_per_s"] > 0 and ours["ac"] is True and ours["wall_s"] >= 0
+    assert peer["status"] == "skipped" and peer["run"].startswith("peer tiny lora")
+    table = (tmp_path / "bench_table.md").read_text().splitlines()
+    assert len(table) == 3 and "| tiny | lora | 1 x 16 | yes | no |" in table[2]

@@ -100,9 +100,13 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Keys and values of past positions, written slot by slot during generation.
+    """Static keys and values for generation, preallocated at the full cache length.
 
-    Slots are filled in order (`size` counts them); the RoPE position of a token is separate
+    Each forward writes its new keys at explicit slot indices (`cache_pos`, a tensor, so no host
+    arithmetic or sync is needed) and attention always reads the whole buffer, with unfilled slots
+    masked out. Shapes therefore never change between decode steps: fused attention kernels keep
+    their cached plans (a key length that grows every step makes cuDNN/flash re-plan each call) and
+    the decode step can be captured in a CUDA graph. The RoPE position of a token is separate
     (`input_pos`), so left-padded batches keep correct positions."""
 
     def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
@@ -110,7 +114,6 @@ class KVCache(nn.Module):
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.size = 0
 
     @property
     def max_seq_len(self) -> int:
@@ -119,20 +122,14 @@ class KVCache(nn.Module):
     def reset(self) -> None:
         self.k_cache.zero_()
         self.v_cache.zero_()
-        self.size = 0
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v: (B, n_kv_heads, T, head_dim) -> all filled slots (B, n_kv_heads, size, head_dim)."""
-        seq_len = k.shape[2]
-        if self.size + seq_len > self.max_seq_len:
-            raise ValueError(
-                f"KV cache overflow: {self.size} + {seq_len} tokens > cache length {self.max_seq_len}; "
-                "call setup_cache with a larger max_seq_len"
-            )
-        self.k_cache[:, :, self.size : self.size + seq_len] = k
-        self.v_cache[:, :, self.size : self.size + seq_len] = v
-        self.size += seq_len
-        return self.k_cache[:, :, : self.size], self.v_cache[:, :, : self.size]
+    def update(
+        self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cache_pos (T,) slots; k, v (B, n_kv_heads, T, head_dim) -> whole caches (B, n_kv_heads, S, head_dim)."""
+        self.k_cache.index_copy_(2, cache_pos, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(2, cache_pos, v.to(self.v_cache.dtype))
+        return self.k_cache, self.v_cache
 
 
 class Attention(nn.Module):
@@ -157,8 +154,15 @@ class Attention(nn.Module):
         self.rope = rope
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, T, dim); input_pos: (B, T); mask: (B, T, S) bool or None (causal)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        input_pos: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T, dim); input_pos: (B, T); mask: (B, T, S) bool or None (causal).
+        With a KV cache: cache_pos (T,) slots to write and mask (B or 1, T, S_cache), bool or additive."""
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -166,27 +170,39 @@ class Attention(nn.Module):
         # q: (B, n_heads, T, head_dim); k, v: (B, n_kv_heads, T, head_dim)
         q, k = self.rope(q, input_pos), self.rope(k, input_pos)
 
-        is_causal = mask is None
         if self.kv_cache is not None:
-            first_slot = self.kv_cache.size
-            k, v = self.kv_cache.update(k, v)  # (B, n_kv_heads, S, head_dim), S = filled slots
-            if mask is None:
-                # causal over cache slots: query t sits in slot first_slot + t
-                query_slots = torch.arange(first_slot, first_slot + seq_len, device=x.device)
-                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= query_slots[:, None]
-                mask = mask[None].expand(batch, -1, -1)
-            else:
-                mask = mask[:, :, : k.shape[2]]
-            is_causal = False
-
-        attn_mask = None if mask is None else mask[:, None]  # (B, 1, T, S) broadcast over heads
-        gqa = self.n_heads != self.n_kv_heads
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa
-        )
+            k, v = self.kv_cache.update(cache_pos, k, v)  # (B, n_kv_heads, S_cache, head_dim)
+            out = self._grouped_attention(q, k, v, mask)
+        else:
+            attn_mask = None if mask is None else mask[:, None]  # (B, 1, T, S) broadcast over heads
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                is_causal=mask is None,
+                enable_gqa=self.n_heads != self.n_kv_heads,
+            )
         # out: (B, n_heads, T, head_dim)
         out = out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
         return self.output_proj(out)
+
+    def _grouped_attention(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+        """Masked GQA over the cache without `enable_gqa`: the query heads sharing one key/value head
+        are folded into the query-length axis. GQA together with a mask has no fused kernel on some
+        CUDA builds (it falls back to the unfused math path); folded, any masked kernel applies, and
+        at decode (T = 1) the fold is a free view.
+        q: (B, n_heads, T, head_dim); k, v: (B, n_kv_heads, S, head_dim); mask: (B or 1, T, S)."""
+        batch, _, seq_len, _ = q.shape
+        group = self.n_heads // self.n_kv_heads
+        # head h uses key/value head h // group (HF's repeat_kv order), so the group axis follows it
+        q = q.reshape(batch, self.n_kv_heads, group * seq_len, self.head_dim)  # (B, n_kv, group*T, hd)
+        mask = mask[:, None]  # (B, 1, T, S)
+        if seq_len > 1 and group > 1:
+            # row g*T + t of the folded query is query t of group member g
+            mask = mask[:, :, None].expand(-1, -1, group, -1, -1).flatten(2, 3)  # (B, 1, group*T, S)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, n_kv, group*T, hd)
+        return out.reshape(batch, self.n_heads, seq_len, self.head_dim)
 
 
 class FeedForward(nn.Module):
@@ -207,8 +223,14 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.attn, self.mlp, self.attn_norm, self.mlp_norm = attn, mlp, attn_norm, mlp_norm
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), input_pos, mask)
+    def forward(
+        self,
+        x: torch.Tensor,
+        input_pos: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), input_pos, mask, cache_pos)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -229,6 +251,7 @@ class TransformerDecoder(nn.Module):
         self.norm = norm
         self.output = output
         self.max_seq_len = max_seq_len
+        self._next_slot = 0  # the first cache slot not yet written (host int, no sync to read it)
 
     @property
     def tied_embeddings(self) -> bool:
@@ -243,36 +266,70 @@ class TransformerDecoder(nn.Module):
         for layer in self.layers:
             attn = layer.attn
             attn.kv_cache = KVCache(batch_size, max_seq_len, attn.n_kv_heads, attn.head_dim, dtype, device)
+        self._next_slot = 0
 
     def reset_cache(self) -> None:
         for layer in self.layers:
             if layer.attn.kv_cache is not None:
                 layer.attn.kv_cache.reset()
+        self._next_slot = 0
 
     def remove_cache(self) -> None:
         for layer in self.layers:
             layer.attn.kv_cache = None
+        self._next_slot = 0
 
     def caches_are_enabled(self) -> bool:
         return self.layers[0].attn.kv_cache is not None
 
-    def _default_positions(self, tokens: torch.Tensor) -> torch.Tensor:
-        start = self.layers[0].attn.kv_cache.size if self.caches_are_enabled() else 0
-        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        return positions[None].expand(tokens.shape[0], -1)  # (B, T)
+    def _cache_inputs(self, tokens: torch.Tensor, cache_pos, mask):
+        """Slots to write (T,) and the additive mask (B or 1, T, S_cache) every layer shares.
 
-    def hidden(self, tokens: torch.Tensor, input_pos=None, mask=None) -> torch.Tensor:
-        """tokens (B, T) -> final-normed hidden states (B, T, dim)."""
-        if input_pos is None:
-            input_pos = self._default_positions(tokens)
+        Without `cache_pos` the next free slots are used (tracked on the host); without `mask`,
+        query slot p sees slots <= p. The bool mask becomes additive (0 / -inf) once per forward,
+        not once per layer inside attention."""
+        cache = self.layers[0].attn.kv_cache
+        seq_len, cache_len = tokens.shape[1], cache.max_seq_len
+        if cache_pos is None:
+            if self._next_slot + seq_len > cache_len:
+                raise ValueError(
+                    f"KV cache overflow: {self._next_slot} + {seq_len} tokens > cache length {cache_len}; "
+                    "call setup_cache with a larger max_seq_len"
+                )
+            cache_pos = torch.arange(self._next_slot, self._next_slot + seq_len, device=tokens.device)
+            self._next_slot += seq_len
+        if mask is None:
+            slots = torch.arange(cache_len, device=tokens.device)
+            mask = (slots[None, :] <= cache_pos[:, None])[None]  # (1, T, S_cache)
+        elif mask.shape[-1] != cache_len:
+            raise ValueError(
+                f"with a KV cache the mask must cover all {cache_len} cache slots (B, T, {cache_len}), "
+                f"got shape {tuple(mask.shape)}"
+            )
+        if mask.dtype == torch.bool:
+            mask = torch.where(mask, 0.0, float("-inf")).to(cache.k_cache.dtype)
+        return cache_pos, mask
+
+    def hidden(self, tokens: torch.Tensor, input_pos=None, mask=None, cache_pos=None) -> torch.Tensor:
+        """tokens (B, T) -> final-normed hidden states (B, T, dim). With a KV cache, `cache_pos` (T,)
+        names the slots to write (default: the next free ones) and `mask` covers all cache slots."""
+        if self.caches_are_enabled():
+            cache_pos, mask = self._cache_inputs(tokens, cache_pos, mask)
+            if input_pos is None:
+                input_pos = cache_pos[None].expand(tokens.shape[0], -1)  # (B, T)
+        elif input_pos is None:
+            input_pos = torch.arange(tokens.shape[1], device=tokens.device)[None].expand(tokens.shape[0], -1)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, input_pos, mask)
+            h = layer(h, input_pos, mask, cache_pos)
         return self.norm(h)
 
-    def forward(self, tokens: torch.Tensor, *, input_pos=None, mask=None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, *, input_pos=None, mask=None, cache_pos=None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab) in float32."""
-        h = self.hidden(tokens, input_pos=input_pos, mask=mask)
+        return self.logits(self.hidden(tokens, input_pos=input_pos, mask=mask, cache_pos=cache_pos))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., dim) -> float32 logits (..., vocab) through the (possibly tied) output."""
         logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
         return logits.float()
 
