@@ -47,7 +47,8 @@ class LoRAFinetuneRecipe:
     def train(self) -> None:
         self.session.train()
         if self.cfg.get("save_merged_model", False):
-            self.session.save_final_model(get_merged_state_dict(self.session.parts.model))
+            model = self.session.unsharded_model()  # None on ranks other than 0 of a sharded run
+            self.session.save_final_model(get_merged_state_dict(model) if model is not None else {})
 
     def save_checkpoint(self, tag: str) -> None:
         self.session.save_checkpoint(tag)
@@ -57,7 +58,11 @@ class LoRAFinetuneRecipe:
 
     def _write_weights(self, folder) -> dict:
         """Write the adapter in PEFT's format; return the tensors that an exact resume needs."""
-        model, model_cfg = self.session.parts.model, self.cfg.model
+        model_cfg = self.cfg.model
+        names = set(get_adapter_params(self.session.parts.model))
+        model = self.session.unsharded_model(keys=names)  # None on ranks other than 0 of a sharded run
+        if model is None:
+            return {}
         save_peft_adapter(
             model,
             folder / "adapter",
@@ -70,10 +75,11 @@ class LoRAFinetuneRecipe:
         return {name: p.detach().clone() for name, p in get_adapter_params(model).items()}
 
     def _read_weights(self, folder, saved: dict) -> None:
-        params = get_adapter_params(self.session.parts.model)
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                params[name].copy_(tensor)
+        """Put the saved adapter back; a sharded model keeps its shard of each tensor (load hooks)."""
+        model = self.session.parts.model
+        if unknown := sorted(set(saved) - set(get_adapter_params(model))):
+            raise ValueError(f"{folder}: saved adapter tensors {unknown[:4]} are not in the model's adapters")
+        model.load_state_dict(saved, strict=False)
 
 
 def recipe_main(cfg: DictConfig) -> None:

@@ -78,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("bs", "seq", "rank", "steps", "loss_chunk"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warm < 0:
+        raise ValueError(f"--warm must be >= 0, got {args.warm}")
     return args
 
 
@@ -256,7 +258,7 @@ def run_training(args: argparse.Namespace) -> dict:
             warmup_s = time.perf_counter() - warm_start
         if i >= args.warm:
             step_times.append(time.perf_counter() - step_start)
-    step_s = statistics.median(step_times)
+    step_s = sorted(step_times)[len(step_times) // 2]  # the peer's median: the upper middle of an even count
     flops = model_flops_per_step(model, args.bs, args.seq)
     return dict(
         system=_system_name(),
@@ -286,7 +288,7 @@ def run_generation(args: argparse.Namespace) -> dict:
     """Greedy decoding at batch 1 through `ftcore.models.generate` (KV cache, no stop tokens).
 
     Prefill time is that of a 1-token generation; decode speed is (N - 1) tokens over the rest of an
-    N-token generation. Each is timed after an identical untimed call (kernels, allocator, handles).
+    N-token generation. Each is the median of 3 timed calls after an identical untimed one.
     """
     from ftcore.models import generate
 
@@ -298,18 +300,26 @@ def run_generation(args: argparse.Namespace) -> dict:
     vocab = model.tok_embeddings.num_embeddings
     prompt = torch.randint(0, min(TOKEN_ID_HIGH, vocab), (args.prompt_len,)).tolist()
 
-    def timed_generate(new_tokens: int) -> float:
+    def timed_generate(new_tokens: int, repeats: int = 3) -> float:
         generate(model, [prompt], new_tokens)  # untimed warm-up of the same shapes
-        _sync(device)
-        start = time.perf_counter()
-        out = generate(model, [prompt], new_tokens)
-        _sync(device)
-        if len(out[0]) != new_tokens:
-            raise RuntimeError(f"generate returned {len(out[0])} tokens, expected {new_tokens}")
-        return time.perf_counter() - start
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            out = generate(model, [prompt], new_tokens)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+            if len(out[0]) != new_tokens:
+                raise RuntimeError(f"generate returned {len(out[0])} tokens, expected {new_tokens}")
+        return statistics.median(times)
 
     prefill_s = timed_generate(1)
     total_s = timed_generate(args.generate)
+    if total_s <= prefill_s:
+        raise RuntimeError(
+            f"decoding {args.generate} tokens took no longer than the prefill ({total_s:.4f} s vs "
+            f"{prefill_s:.4f} s): timing noise dominates; pass a larger --generate"
+        )
     return dict(
         system=_system_name(),
         kind="generate",
@@ -394,6 +404,17 @@ def _system_name() -> str:
         return "ftcore-src"
 
 
+def _summary(r: dict) -> str:
+    memory = "" if r["peak_alloc_gib"] is None else f", peak {r['peak_alloc_gib']} GiB allocated"
+    if r.get("kind") == "generate":
+        return f"{r['system']} {r['model']} generate bs 1: {r['decode_tokens_per_s']:,} tokens/s decoding{memory}"
+    return (
+        f"{r['system']} {r['model']} {r['mode']} bs {r['bs']} x {r['seq']} ac={r['ac']} compile={r['compile']}: "
+        f"{r['tokens_per_s']:,} tokens/s{memory}, MFU {r['mfu']:.3f} of a measured "
+        f"{r['matmul_peak_tflops']:,} TFLOP/s; warm-up (incl. compile) {r['warmup_s']} s"
+    )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.table:
@@ -401,6 +422,7 @@ def main(argv=None) -> int:
         return 0
     result = run_generation(args) if args.generate else run_training(args)
     line = json.dumps(result)
+    print(_summary(result), flush=True)
     print("RESULT", line, flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
+[[ $PLAN =~ ^(all|rest|big)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest or big" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -104,7 +105,6 @@ case $PLAN in
   all) plan_all ;;
   rest) plan_rest ;;
   big) plan_big ;;
-  *) echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest or big" >&2; exit 2 ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"

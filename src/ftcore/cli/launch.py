@@ -1,6 +1,7 @@
 """What each torchrun rank executes: `python -m ftcore.cli.launch RECIPE --config FILE [overrides]`.
 
-Every rank loads, overrides and validates the same config and calls the same `recipe_main(cfg)`.
+Every rank loads, overrides and validates the same config and calls the same `recipe_main(cfg)`; a rank
+that fails prints `ftcore: rank R/W on HOST failed: <error>` and exits non-zero, so torchrun stops the rest.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import sys
 
 from ftcore.cli.run import run_in_process
 from ftcore.config import ConfigError
+from ftcore.distributed.env import report_rank_failure
 
 
+@report_rank_failure
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ftcore.cli.launch", description=__doc__)
     parser.add_argument("recipe")

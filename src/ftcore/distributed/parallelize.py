@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -26,10 +27,12 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 def apply_compile(model: nn.Module) -> None:
     """Compile block by block: one small graph reused N times compiles far faster than the whole model.
 
-    `Module.compile()` compiles in place, so names keep no `_orig_mod.` prefix.
+    The block's `forward` (already wrapped in a checkpoint when activation checkpointing is on) is
+    compiled in place, so names keep no `_orig_mod.` prefix. `Module.compile()` is not used: it was
+    seen to leave a block whose `forward` had been replaced uncompiled, without a warning.
     """
     for block in model.layers:
-        block.compile()
+        block.forward = torch.compile(block.forward)
 
 
 def parallelize(

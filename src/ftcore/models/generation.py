@@ -6,6 +6,7 @@ that hides its padding, so a batch decodes exactly as each prompt would alone.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -47,6 +48,15 @@ def _slot_mask(pad_lengths: torch.Tensor, query_slots: torch.Tensor, n_slots: in
     return (causal & not_padding) | itself
 
 
+# Checking "have all rows stopped?" reads a device flag on the host, a sync that stops the host from
+# queueing the next steps while the device works; checking every few steps keeps the queue full. Steps
+# taken after every row stopped only write padding, which the output drops.
+STOP_CHECK_EVERY = 4
+# Cache lengths are rounded up to a multiple of this, so every mask row (one per cache slot) is
+# aligned for the fused attention kernels, which otherwise pad the mask on every call.
+CACHE_ALIGN = 16
+
+
 @torch.no_grad()
 def generate(
     model: TransformerDecoder,
@@ -59,53 +69,134 @@ def generate(
     pad_id: int = 0,
     seed: int | None = None,
     use_cache: bool = True,
+    compile: bool = False,
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` after each prompt; returns the new tokens of each row, cut
     before the first stop token. `use_cache=False` recomputes the whole sequence every step (slow,
-    the reference the cache is tested against)."""
+    the reference the cache is tested against). `compile=True` runs each decode step through
+    `torch.compile(mode="reduce-overhead")` (CUDA graphs on GPU; the first call compiles)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError(
             "generate needs at least one prompt and every prompt needs at least one token (e.g. BOS)"
         )
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = model.tok_embeddings.weight.device
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    longest = max(len(p) for p in prompts)
-    total_len = longest + max_new_tokens
-    tokens = torch.full((len(prompts), total_len), pad_id, dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        tokens[row, longest - len(prompt) : longest] = torch.tensor(list(prompt), device=device)
-    pad_lengths = torch.tensor([longest - len(p) for p in prompts], device=device)
-    positions = (torch.arange(total_len, device=device)[None, :] - pad_lengths[:, None]).clamp(
-        min=0
-    )  # (B, L)
-
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    sampler = functools.partial(
+        sample_next, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+    )
+    batch = _Batch.left_padded(prompts, max_new_tokens, pad_id, device)
+    stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     if use_cache:
-        model.setup_cache(len(prompts), total_len, model.tok_embeddings.weight.dtype, device)
+        end = _decode_with_cache(model, batch, sampler, stops, compile)
+    else:
+        end = _decode_without_cache(model, batch, sampler, stops)
+    new_tokens = batch.tokens[:, batch.prompt_len : end].tolist()
+    return [_cut_at_stop(row, stop_tokens) for row in new_tokens]
+
+
+class _Batch:
+    """Left-padded prompts with room for the new tokens; row b's padding is its first pad[b] slots."""
+
+    def __init__(self, tokens, positions, pad_lengths, prompt_len: int, pad_id: int):
+        self.tokens = tokens  # (B, L) prompt then new tokens, L = longest prompt + max_new_tokens
+        self.positions = positions  # (B, L) RoPE positions, 0 at each row's first real token
+        self.pad_lengths = pad_lengths  # (B,)
+        self.prompt_len = prompt_len
+        self.pad_id = pad_id
+
+    @classmethod
+    def left_padded(cls, prompts, max_new_tokens: int, pad_id: int, device) -> _Batch:
+        longest = max(len(p) for p in prompts)
+        total_len = longest + max_new_tokens
+        tokens = torch.full((len(prompts), total_len), pad_id, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            tokens[row, longest - len(prompt) : longest] = torch.tensor(list(prompt), device=device)
+        pad_lengths = torch.tensor([longest - len(p) for p in prompts], device=device)
+        slots = torch.arange(total_len, device=device)
+        positions = (slots[None, :] - pad_lengths[:, None]).clamp(min=0)  # (B, L)
+        return cls(tokens, positions, pad_lengths, longest, pad_id)
+
+    @property
+    def total_len(self) -> int:
+        return self.tokens.shape[1]
+
+    def append(self, slot: int, next_token: torch.Tensor, done: torch.Tensor, stops: torch.Tensor) -> None:
+        """Write the sampled (B,) tokens at `slot` (padding for finished rows), then mark new stops."""
+        self.tokens[:, slot] = torch.where(done, self.pad_id, next_token)
+        done |= torch.isin(next_token, stops)
+
+
+def _decode_with_cache(model, batch: _Batch, sampler, stops: torch.Tensor, compile: bool) -> int:
+    """Prefill the prompts in one forward, then one token per forward; returns the end slot."""
+    device = batch.tokens.device
+    cache_len = -(-batch.total_len // CACHE_ALIGN) * CACHE_ALIGN
+    slots = torch.arange(cache_len, device=device)
+    not_padding = slots[None, :] >= batch.pad_lengths[:, None]  # (B, S_cache)
+    step = _compiled_decode_step() if compile else _decode_step
+    model.setup_cache(len(batch.tokens), cache_len, model.tok_embeddings.weight.dtype, device)
     try:
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
-        start = 0
-        for end in range(longest, total_len):
-            if use_cache:
-                window = slice(start, end)  # only the slots not yet in the cache
-                mask = _slot_mask(pad_lengths, torch.arange(start, end, device=device), end)
-            else:
-                window = slice(0, end)
-                mask = _slot_mask(pad_lengths, torch.arange(0, end, device=device), end)
-            logits = model(tokens[:, window], input_pos=positions[:, window], mask=mask)
-            next_token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-            tokens[:, end] = torch.where(done, pad_id, next_token)
-            done |= torch.isin(next_token, stops)
-            start = end
-            if done.all():
-                total_len = end + 1
-                break
+        prompt = slice(0, batch.prompt_len)
+        mask = _slot_mask(batch.pad_lengths, slots[prompt], cache_len)  # (B, T, S_cache)
+        hidden = model.hidden(
+            batch.tokens[:, prompt], input_pos=batch.positions[:, prompt], mask=mask, cache_pos=slots[prompt]
+        )
+        next_token = sampler(model.logits(hidden[:, -1]))  # only the last position needs logits
+        done = torch.zeros(len(batch.tokens), dtype=torch.bool, device=device)
+        for slot in range(batch.prompt_len, batch.total_len):
+            batch.append(slot, next_token, done, stops)
+            if slot + 1 == batch.total_len or _all_stopped(done, stops, slot - batch.prompt_len):
+                return slot + 1
+            # slice views of precomputed tensors: no host-to-device copies inside the loop
+            logits = step(
+                model,
+                batch.tokens[:, slot : slot + 1],
+                batch.positions[:, slot : slot + 1],
+                slots[slot : slot + 1],
+                slots,
+                not_padding,
+            )
+            next_token = sampler(logits)
+        return batch.total_len
     finally:
-        if use_cache:
-            model.remove_cache()
-    return [_cut_at_stop(tokens[row, longest:total_len].tolist(), stop_tokens) for row in range(len(prompts))]
+        model.remove_cache()
+
+
+def _decode_step(model, token, input_pos, cache_pos, slots, not_padding) -> torch.Tensor:
+    """One token per row: token, input_pos (B, 1); cache_pos (1,) -> next-token logits (B, vocab).
+    The new token's slot is after every row's padding, so it sees its row's real slots up to itself."""
+    mask = (slots[None, :] <= cache_pos) & not_padding  # (B, S_cache)
+    return model(token, input_pos=input_pos, mask=mask[:, None], cache_pos=cache_pos)[:, -1]
+
+
+_COMPILED_STEP = None
+
+
+def _compiled_decode_step():
+    """`_decode_step` compiled once per process (shapes are static, so CUDA graphs replay it)."""
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True)
+    return _COMPILED_STEP
+
+
+def _all_stopped(done: torch.Tensor, stops: torch.Tensor, step: int) -> bool:
+    return stops.numel() > 0 and step % STOP_CHECK_EVERY == 0 and bool(done.all())
+
+
+def _decode_without_cache(model, batch: _Batch, sampler, stops: torch.Tensor) -> int:
+    """The reference: every step runs the whole sequence so far; returns the end slot."""
+    device = batch.tokens.device
+    done = torch.zeros(len(batch.tokens), dtype=torch.bool, device=device)
+    for slot in range(batch.prompt_len, batch.total_len):
+        seen = slice(0, slot)
+        mask = _slot_mask(batch.pad_lengths, torch.arange(slot, device=device), slot)  # (B, slot, slot)
+        logits = model(batch.tokens[:, seen], input_pos=batch.positions[:, seen], mask=mask)
+        batch.append(slot, sampler(logits[:, -1]), done, stops)
+        if stops.numel() > 0 and bool(done.all()):
+            return slot + 1
+    return batch.total_len
 
 
 def _cut_at_stop(ids: list[int], stop_tokens: Sequence[int]) -> list[int]:

@@ -63,23 +63,47 @@ class RotaryEmbedding(nn.Module):
         self.base = base
         self.scaling = scaling
         self.register_buffer("inv_freq", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False)
+        self.angle_memo = AngleMemo()  # shared by identical ropes of one decoder (TransformerDecoder)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
         if self.inv_freq.is_meta:
             return
+        self.angle_memo.key = None
         inv_freq = rope_inverse_frequencies(self.head_dim, self.base, self.scaling)
         # to_empty() may have cast the buffer; the frequencies are always kept in float32
         self.inv_freq = inv_freq.to(self.inv_freq.device)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """x: (B, n_heads, T, head_dim); input_pos: (B, T) -> same shape as x, rotated."""
-        angles = input_pos[:, None, :, None].float() * self.inv_freq.float()  # (B, 1, T, head_dim/2)
-        angles = torch.cat((angles, angles), dim=-1)  # (B, 1, T, head_dim)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = self.cos_sin(input_pos, x.dtype)  # (B, 1, T, head_dim) each
         first, second = x.chunk(2, dim=-1)
         rotated_half = torch.cat((-second, first), dim=-1)
         return x * cos + rotated_half * sin
+
+    def cos_sin(self, input_pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotation for positions (B, T), memoized: q and k of every layer rotate by the same
+        positions within one forward, so the angles are computed once, not 2 * n_layers times (a
+        decode step is launch-bound; this saves ~16 small kernels per layer). The key includes the
+        tensor's version counter, so an in-place change of `input_pos` invalidates it."""
+        compiling = torch.compiler.is_compiling()  # inside a compiled graph the angles fuse anyway
+        key = (input_pos, input_pos._version, dtype)
+        memo = self.angle_memo
+        if not compiling and memo.key is not None and memo.key[0] is key[0] and memo.key[1:] == key[1:]:
+            return memo.cos, memo.sin
+        angles = input_pos[:, None, :, None].float() * self.inv_freq.float()  # (B, 1, T, head_dim/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (B, 1, T, head_dim)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        if not compiling:
+            memo.key, memo.cos, memo.sin = key, cos, sin
+        return cos, sin
+
+
+class AngleMemo:
+    """The last (positions, dtype) -> (cos, sin) of one or more identical RotaryEmbeddings."""
+
+    def __init__(self):
+        self.key, self.cos, self.sin = None, None, None
 
 
 class RMSNorm(nn.Module):
@@ -252,6 +276,7 @@ class TransformerDecoder(nn.Module):
         self.output = output
         self.max_seq_len = max_seq_len
         self._next_slot = 0  # the first cache slot not yet written (host int, no sync to read it)
+        _share_angle_memos(self.layers)
 
     @property
     def tied_embeddings(self) -> bool:
@@ -334,6 +359,15 @@ class TransformerDecoder(nn.Module):
         return logits.float()
 
 
+def _share_angle_memos(layers) -> None:
+    """Let every layer's rope reuse the angles the first computed, when their settings are equal."""
+    first = layers[0].attn.rope if len(layers) else None
+    for layer in layers:
+        rope = layer.attn.rope
+        if (rope.head_dim, rope.base, rope.scaling) == (first.head_dim, first.base, first.scaling):
+            rope.angle_memo = first.angle_memo
+
+
 def reset_buffers(model: nn.Module) -> None:
     """Recompute every non-persistent buffer (RoPE frequencies) after `to_empty` materialization."""
     for module in model.modules():
@@ -353,7 +387,9 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
             elif hasattr(module, "set_weight"):  # NF4Linear: quantize a random float weight
-                module.set_weight(torch.randn(module.out_dim, module.in_dim) * std)
+                # drawn on the module's device: an 8B model's worth of CPU randn took minutes
+                device = module.weight_packed.device
+                module.set_weight(torch.randn(module.out_dim, module.in_dim, device=device) * std)
             elif isinstance(getattr(module, "weight", None), nn.Parameter):  # LoRALinear's float base
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if isinstance(getattr(module, "bias", None), nn.Parameter):

@@ -6,6 +6,8 @@ checkpoint folder holds.
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,9 +19,15 @@ from safetensors.torch import load_file, save_file
 from ftcore.config import instantiate
 from ftcore.runner.loop import TrainLoop
 from ftcore.runner.parts import build_parts
+from ftcore.runner.sharded import (
+    DCP_DIR,
+    OptimizerStateInDCP,
+    load_one_process_optimizer_state,
+    shared_atomic_dir,
+    unsharded_replica,
+)
 from ftcore.training import (
     NonFiniteLossError,
-    atomic_write_dir,
     explain_oom,
     find_latest_checkpoint,
     keep_last_n,
@@ -153,20 +161,32 @@ class FinetuneSession:
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, tag: str) -> None:
-        """Write `output_dir/tag` atomically: a kill mid-save leaves the previous checkpoint intact."""
+        """Write `output_dir/tag` atomically: a kill mid-save leaves the previous checkpoint intact.
+
+        Every rank calls this. Sharded runs write the trainable weights and optimizer state with
+        `torch.distributed.checkpoint` (each rank its shards, into `distributed_state/`), which any
+        number of ranks can read back; rank 0 writes the exported weights and `training_state.pt`.
+        """
         p, progress = self.parts, self.loop.progress
         progress.extra = self.loop.state_dict()
-        with atomic_write_dir(p.output_dir / tag) as folder:
-            trainable = self._write_weights(folder)
-            if trainable:
+        with shared_atomic_dir(p.output_dir / tag, p.sharded) as folder:
+            trainable = self._write_weights(folder)  # collective when sharded; {} on ranks other than 0
+            if trainable and p.is_main:
                 save_file(
                     {k: v.detach().contiguous().cpu() for k, v in trainable.items()},
                     str(folder / TRAINABLE_FILE),
                 )
-            save_training_state(folder, optimizer=p.optimizer, scheduler=p.scheduler, progress=progress)
+            optimizer = p.optimizer
+            if p.sharded:
+                from ftcore.distributed.state import save_training_state as save_sharded_state
+
+                save_sharded_state(folder / DCP_DIR, p.model, p.optimizer)
+                optimizer = OptimizerStateInDCP()
+            if p.is_main:
+                save_training_state(folder, optimizer=optimizer, scheduler=p.scheduler, progress=progress)
         if tag != "best":  # `best` is extra: the run still ends with a step/epoch checkpoint to resume from
             self._last_saved_step = progress.step
-        if self.cfg.get("keep_last_n"):
+        if self.cfg.get("keep_last_n") and p.is_main:
             keep_last_n(p.output_dir, self.cfg.keep_last_n)
         log.info("saved checkpoint %s at step %d", p.output_dir / tag, progress.step)
 
@@ -183,16 +203,55 @@ class FinetuneSession:
             return
         trainable = load_file(str(folder / TRAINABLE_FILE)) if (folder / TRAINABLE_FILE).is_file() else {}
         self._read_weights(folder, trainable)
-        progress = load_training_state(folder, optimizer=self.parts.optimizer, scheduler=self.parts.scheduler)
+        progress = self._load_optimizer_and_progress(folder)
         self.loop.load_state_dict(progress)
         self._last_saved_step = progress.step
         log.info("resumed from %s at step %d", folder, progress.step)
 
+    def _load_optimizer_and_progress(self, folder: Path):
+        """Optimizer, scheduler, RNG and progress from a checkpoint written by any number of ranks."""
+        p = self.parts
+        if (folder / DCP_DIR).is_dir():  # written by N ranks: DCP reshards for this run's ranks
+            from ftcore.distributed.state import load_training_state as load_sharded_state
+
+            progress = load_training_state(folder, optimizer=OptimizerStateInDCP(), scheduler=p.scheduler)
+            with warnings.catch_warnings():  # DCP warns that one process without a group reads it all
+                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+                load_sharded_state(folder / DCP_DIR, p.model, p.optimizer)
+            return progress
+        if p.sharded:  # written by one process, resumed on N ranks
+            progress = load_training_state(folder, optimizer=OptimizerStateInDCP(), scheduler=p.scheduler)
+            load_one_process_optimizer_state(folder / "training_state.pt", p.optimizer)
+            return progress
+        return load_training_state(folder, optimizer=p.optimizer, scheduler=p.scheduler)
+
     # ---- whole-model weights (full fine-tuning, merged LoRA export) ------------------------------
+    def unsharded_model(self, keys: set[str] | None = None) -> torch.nn.Module | None:
+        """The model as one process holds it: the model itself in a single process; when sharded, a
+        CPU replica on rank 0 holding the tensors named in `keys` (default: all), gathered from every
+        rank one at a time, and None on the other ranks. Every rank must call it."""
+        p = self.parts
+        if not p.sharded:
+            return p.model
+        from ftcore.distributed.state import gather_full_state_dict
+
+        state = gather_full_state_dict(p.model, keys=keys)
+        return unsharded_replica(self.cfg.model, p.dtype, state) if p.is_main else None
+
     def save_model(self, folder: Path, state_dict: dict | None = None) -> None:
+        """Write the whole model (every rank calls this; rank 0 writes)."""
         from ftcore.runner.weights import save_model_weights
 
-        save_model_weights(self.parts.checkpointer, state_dict or self.parts.model.state_dict(), folder)
+        p = self.parts
+        if state_dict is None:
+            if p.sharded:
+                from ftcore.distributed.state import gather_full_state_dict
+
+                state_dict = gather_full_state_dict(p.model)
+            else:
+                state_dict = p.model.state_dict()
+        if p.is_main:
+            save_model_weights(p.checkpointer, state_dict, folder)
 
     def load_model(self, folder: Path) -> None:
         from ftcore.runner.weights import load_model_weights
@@ -200,8 +259,10 @@ class FinetuneSession:
         load_model_weights(self.parts.model, folder)
 
     def save_final_model(self, state_dict: dict) -> None:
-        with atomic_write_dir(self.parts.output_dir / "merged_model") as folder:
-            self.save_model(folder, state_dict)
+        """Write `output_dir/merged_model` from rank 0's `state_dict` (every rank calls this)."""
+        with shared_atomic_dir(self.parts.output_dir / "merged_model", self.parts.sharded) as folder:
+            if self.parts.is_main:
+                self.save_model(folder, state_dict)
 
     def cleanup(self) -> None:
         self.parts.logger.close()
@@ -209,9 +270,16 @@ class FinetuneSession:
 
 def run_recipe(recipe) -> None:
     """What every recipe's `recipe_main` does: set up, train, and always clean up."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Under torchrun every rank runs this; progress is reported once, by rank 0 (others: warnings only).
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
+    from ftcore.distributed.env import destroy_distributed
+
     recipe.setup()
     try:
         recipe.train()
     finally:
         recipe.cleanup()
+    # Only after success: after a failure the other ranks may never reach the barrier inside; exiting
+    # non-zero instead lets torchrun stop them.
+    destroy_distributed()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from ftcore.config import instantiate
 from ftcore.distributed.parallelize import parallelize
 from ftcore.runner.loop import LoopSettings
 from ftcore.runner.setup import build_loader, build_model, resolve_device, resolve_dtype, seed_everything
+from ftcore.runner.sharded import build_sharded_model, join_process_group, main_rank_first
 
 log = logging.getLogger("ftcore")
 
@@ -31,6 +31,7 @@ class RunParts:
     dtype: torch.dtype
     rank: int
     world_size: int
+    sharded: bool  # started by torchrun: the model is sharded with FSDP2 across `world_size` ranks
     output_dir: Path
     tokenizer: object
     checkpointer: object | None
@@ -62,10 +63,6 @@ def loop_settings(cfg: DictConfig) -> LoopSettings:
     )
 
 
-def _rank_and_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 class _SilentLogger:
     """What ranks other than 0 log to: nothing, so every metric is written once."""
 
@@ -90,8 +87,10 @@ def build_logger(cfg: DictConfig, output_dir: Path, is_main: bool):
 
 def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], list]) -> RunParts:
     """Build the run. `select_trainable(model)` freezes what must stay frozen and returns the trainable parameters."""
-    rank, world_size = _rank_and_world()
-    device = resolve_device(cfg.get("device", "auto"))
+    env = join_process_group(cfg)  # None in a single process, which never touches torch.distributed
+    sharded = env is not None
+    rank, world_size = (env.rank, env.world_size) if sharded else (0, 1)
+    device = env.device if sharded else resolve_device(cfg.get("device", "auto"))
     dtype = resolve_dtype(cfg.get("dtype", "bf16"), device)
     seed = cfg.get("seed", 0)
     seed_everything(seed)
@@ -100,9 +99,10 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
 
     from ftcore.data.collate import padded_collate
 
-    tokenizer = instantiate(cfg.tokenizer)
-    train_set = instantiate(cfg.dataset, tokenizer)
-    val_set = instantiate(cfg.dataset_val, tokenizer) if cfg.get("dataset_val") is not None else None
+    with main_rank_first(sharded):
+        tokenizer = instantiate(cfg.tokenizer)
+        train_set = instantiate(cfg.dataset, tokenizer)
+        val_set = instantiate(cfg.dataset_val, tokenizer) if cfg.get("dataset_val") is not None else None
     batch_size = cfg.batch_size
     collate = functools.partial(padded_collate, pad_id=tokenizer.pad_id)
     shuffle = cfg.get("shuffle", True)
@@ -114,14 +114,22 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
         val_loader, _ = build_loader(val_set, collate, batch_size, False, seed, rank, world_size)
 
     checkpointer = instantiate(cfg.checkpointer) if cfg.get("checkpointer") is not None else None
-    model = build_model(cfg.model, device, dtype, checkpointer)
-    _check_vocab(tokenizer, model)
-    trainable = select_trainable(model)
-    parallelize(
-        model,
-        activation_checkpointing=cfg.get("enable_activation_checkpointing", False),
-        compile=cfg.get("compile", False),
-    )
+    if sharded:
+
+        def check_then_select(model):
+            _check_vocab(tokenizer, model)
+            return select_trainable(model)
+
+        model, trainable = build_sharded_model(cfg, device, dtype, checkpointer, check_then_select)
+    else:
+        model = build_model(cfg.model, device, dtype, checkpointer)
+        _check_vocab(tokenizer, model)
+        trainable = select_trainable(model)
+        parallelize(
+            model,
+            activation_checkpointing=cfg.get("enable_activation_checkpointing", False),
+            compile=cfg.get("compile", False),
+        )
 
     optimizer = instantiate(cfg.optimizer, trainable)
     settings = loop_settings(cfg)
@@ -138,6 +146,7 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
         dtype,
         rank,
         world_size,
+        sharded,
         output_dir,
         tokenizer,
         checkpointer,

@@ -21,14 +21,14 @@ def save_model_weights(checkpointer, state_dict: dict[str, torch.Tensor], folder
 
 
 def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Load what `save_model_weights` wrote, tensor by tensor, into a materialized model."""
+    """Load what `save_model_weights` wrote, tensor by tensor, into a materialized (maybe sharded) model;
+    a sharded model keeps only its shard of each tensor."""
     if (folder / NATIVE_FILE).is_file():
-        params = model.state_dict()
-        with safe_open(str(folder / NATIVE_FILE), framework="pt") as f, torch.no_grad():
-            for name in f.keys():
-                if name not in params:
-                    raise ValueError(f"{folder / NATIVE_FILE}: tensor {name!r} is not in the model")
-                params[name].copy_(f.get_tensor(name))
+        from ftcore.distributed.state import load_full_state_streaming
+
+        path = str(folder / NATIVE_FILE)
+        with safe_open(path, framework="pt") as f:
+            load_full_state_streaming(model, ((name, f.get_tensor(name)) for name in f.keys()), source=path)
         return
     from ftcore.models import HFCheckpointer
 
