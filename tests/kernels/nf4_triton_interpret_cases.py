@@ -39,6 +39,43 @@ def test_quantize_and_dequantize_bit_identical(dtype):
     assert torch.equal(tri.dequantize_nf4(parts, torch.float32), ref.dequantize_nf4(parts, torch.float32))
 
 
+@pytest.mark.parametrize("elements_per_program,num_warps", [(64, 1), (1024, 4), (8192, 8)])
+@pytest.mark.parametrize("block_size", [64, 128])
+def test_dequantize_tiling_never_changes_values(elements_per_program, num_warps, block_size):
+    # 120 or 60 blocks: one partial program (8192), a partial last program (1024), one block each (64).
+    torch.manual_seed(1)
+    w = torch.randn(40, 192, dtype=torch.bfloat16) * 0.02
+    parts = ref.quantize_nf4(w, block_size=block_size)
+    expected = ref.dequantize_nf4(parts)
+    got = tri.dequantize_nf4(parts, elements_per_program=elements_per_program, num_warps=num_warps)
+    assert torch.equal(got, expected)
+
+
+def test_dequantize_into_preallocated_out_and_rejects_a_wrong_one():
+    parts = ref.quantize_nf4(torch.randn(8, 128))
+    out = torch.full((8, 128), float("nan"), dtype=torch.bfloat16)
+    assert tri.dequantize_nf4(parts, out=out) is out
+    assert torch.equal(out, ref.dequantize_nf4(parts, torch.bfloat16))
+    with pytest.raises(ValueError, match="contiguous tensor of 1024 elements"):
+        tri.dequantize_nf4(parts, out=torch.empty(128, 16).t())
+    odd_rows = ref.quantize_nf4(torch.randn(64, 3))  # an odd last dim still pairs up in the flat buffer
+    assert torch.equal(tri.dequantize_nf4(odd_rows, torch.float16), ref.dequantize_nf4(odd_rows, torch.float16))
+
+
+def test_dequantize_builds_no_tables_per_call(monkeypatch):
+    # A per-call host->device copy of the code tables blocks the host on CUDA; they must be built once.
+    parts = ref.quantize_nf4(torch.randn(4, 64))
+    expected = ref.dequantize_nf4(parts)
+    tri.dequantize_nf4(parts)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("code table rebuilt on a dequantize call")
+
+    for name in ("nf4_code", "nf4_thresholds", "dynamic_map"):
+        monkeypatch.setattr(ref, name, fail)
+    assert torch.equal(tri.dequantize_nf4(parts), expected)
+
+
 def test_without_double_quant():
     w = torch.randn(16, 128, dtype=torch.bfloat16)
     parts = ref.quantize_nf4(w, double_quant=False)

@@ -24,9 +24,14 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = Tru
     return impl.quantize_nf4(w, block_size=block_size, double_quant=double_quant)
 
 
-def dequantize_nf4(parts: NF4Parts, dtype: torch.dtype | None = None) -> torch.Tensor:
-    impl = nf4_triton if use_triton(parts.packed.device) else nf4_reference
-    return impl.dequantize_nf4(parts, dtype)
+def dequantize_nf4(
+    parts: NF4Parts, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """NF4 -> float; on CUDA one Triton launch (into `out` when given), elsewhere the reference."""
+    if use_triton(parts.packed.device):
+        return nf4_triton.dequantize_nf4(parts, dtype, out)
+    weight = nf4_reference.dequantize_nf4(parts, dtype)
+    return weight if out is None else out.copy_(weight.view_as(out))
 
 
 class _NF4Linear(torch.autograd.Function):

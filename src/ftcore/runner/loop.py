@@ -73,6 +73,7 @@ class TrainLoop:
         self.progress = TrainingProgress(step=0, epoch=0, batches_in_epoch=0, sampler_seed=seed)
         self.early_stopping = EarlyStopping(patience=settings.early_stopping_patience or sys.maxsize)
         self.stopped_early = False
+        self.last_eval_step = -1
         self._trainable = [p for p in model.parameters() if p.requires_grad]
 
     @property
@@ -149,6 +150,7 @@ class TrainLoop:
     def run_evaluation(self) -> None:
         """Evaluate; keep the best checkpoint by `val_loss`; stop after `patience` evaluations without gain."""
         metrics = self.evaluate()
+        self.last_eval_step = self.progress.step
         self._log(dict(metrics))
         if "val_loss" not in metrics:
             return
