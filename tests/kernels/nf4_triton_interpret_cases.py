@@ -59,7 +59,9 @@ def test_dequantize_into_preallocated_out_and_rejects_a_wrong_one():
     with pytest.raises(ValueError, match="contiguous tensor of 1024 elements"):
         tri.dequantize_nf4(parts, out=torch.empty(128, 16).t())
     odd_rows = ref.quantize_nf4(torch.randn(64, 3))  # an odd last dim still pairs up in the flat buffer
-    assert torch.equal(tri.dequantize_nf4(odd_rows, torch.float16), ref.dequantize_nf4(odd_rows, torch.float16))
+    assert torch.equal(
+        tri.dequantize_nf4(odd_rows, torch.float16), ref.dequantize_nf4(odd_rows, torch.float16)
+    )
 
 
 def test_dequantize_builds_no_tables_per_call(monkeypatch):

@@ -107,3 +107,12 @@ def test_rejects_bad_input():
         ref.quantize_nf4(torch.randn(3, 10))
     with pytest.raises(ValueError, match="floating-point"):
         ref.quantize_nf4(torch.ones(64, dtype=torch.int32))
+
+
+def test_dispatch_dequantize_into_out_on_cpu():
+    from ftcore import kernels
+
+    parts = ref.quantize_nf4(torch.randn(16, 128))
+    out = torch.full((16, 128), float("nan"), dtype=torch.bfloat16)
+    assert kernels.dequantize_nf4(parts, torch.bfloat16, out=out) is out
+    assert torch.equal(out, ref.dequantize_nf4(parts, torch.bfloat16))

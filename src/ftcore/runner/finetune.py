@@ -114,7 +114,11 @@ class FinetuneSession:
     def train(self) -> None:
         p = self.parts
         self._maybe_resume()
-        if self.cfg.get("eval_before_training", False) and self.loop.evaluate and self.loop.progress.step == 0:
+        if (
+            self.cfg.get("eval_before_training", False)
+            and self.loop.evaluate
+            and self.loop.progress.step == 0
+        ):
             # The starting point, for comparison; it neither saves `best` nor counts for early stopping.
             p.logger.log(self.evaluate(), step=0)
         log.info(
@@ -135,7 +139,11 @@ class FinetuneSession:
         except NonFiniteLossError:
             log.error("stopped on a non-finite loss; the last good checkpoint is in %s", p.output_dir)
             raise
-        if self.loop.evaluate and not self.loop.stopped_early and self.loop.last_eval_step != self.loop.progress.step:
+        if (
+            self.loop.evaluate
+            and not self.loop.stopped_early
+            and self.loop.last_eval_step != self.loop.progress.step
+        ):
             self.loop.run_evaluation()
         if self._last_saved_step != self.loop.progress.step:
             self.save_checkpoint(f"step_{self.loop.progress.step:06d}")
