@@ -1,12 +1,17 @@
-"""Meta's original checkpoints: `consolidated.00.pth` (+ `params.json`), read with
+"""Meta's original checkpoints: `consolidated.NN.pth` (+ `params.json`), read with
 `torch.load(weights_only=True, mmap=True)` so no pickle code runs and nothing is read twice.
 
+Models too big for one GPU (Llama 2 13B/70B, Llama 3.x 70B/405B) ship as N model-parallel shards,
+`consolidated.00.pth` .. `consolidated.{N-1}.pth`, each holding a 1/N slice of every split tensor.
+Loading concatenates the N memory-mapped slices of one tensor at a time; saving splits again.
 Meta stores q/k rows in the interleaved RoPE layout; they are permuted to rotate-half on load and
-back on save.
+back on save (on the full tensor, after concatenation: the permutation acts within each head and a
+shard always holds whole heads, so concatenating first gives the same result).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +23,14 @@ from ftcore.models.checkpoint_common import (
     atomic_directory,
     halves_to_interleaved,
     interleaved_to_halves,
+)
+from ftcore.models.meta_shards import (
+    checkpoint_files,
+    embedding_split_dim_of,
+    merge_shards,
+    open_shards,
+    shard_slice,
+    split_dim,
 )
 from ftcore.models.transformer import TransformerDecoder, reset_buffers
 
@@ -38,7 +51,6 @@ _OURS_BLOCK = re.compile(
     r"^layers\.(\d+)\.(" + "|".join(map(re.escape, _IN_BLOCK_BACK)) + r")\.(weight|bias)$"
 )
 _TOP_LEVEL = ("tok_embeddings.weight", "norm.weight", "output.weight")
-CHECKPOINT_FILE = "consolidated.00.pth"
 
 
 def meta_to_ftcore(key: str) -> str:
@@ -59,42 +71,47 @@ def ftcore_to_meta(key: str) -> str:
     raise ValueError(f"no Meta name for ftcore parameter {key!r}")
 
 
+def meta_params(state_dict: dict[str, torch.Tensor], n_heads: int, n_kv_heads: int) -> dict:
+    """A `params.json` for a checkpoint that came without one, from the tensor shapes.
+
+    Meta's code derives the FFN width as `multiple_of * ceil(int(ffn_dim_multiplier *
+    int(8 * dim / 3)) / multiple_of)`; with `multiple_of = hidden_dim` (and a multiplier below 1
+    when the width is under 8 * dim / 3) that lands exactly on the stored width."""
+    vocab_size, dim = state_dict["tok_embeddings.weight"].shape
+    hidden_dim = state_dict["layers.0.mlp.w1.weight"].shape[0]
+    n_layers = len({key.split(".")[1] for key in state_dict if key.startswith("layers.")})
+    params = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size)
+    params["multiple_of"] = hidden_dim
+    if int(8 * dim / 3) > hidden_dim:
+        params["ffn_dim_multiplier"] = hidden_dim / int(8 * dim / 3)
+    return params
+
+
 class MetaCheckpointer:
-    """Load/save Meta `consolidated.00.pth` checkpoints (single file, i.e. models Meta ships
-    unsharded: Llama 2 7B, Llama 3.x 1B-8B; larger ones: convert to HF first)."""
+    """Load/save Meta `consolidated.NN.pth` checkpoints, single-file or model-parallel shards."""
 
     def __init__(self, checkpoint_dir: str, output_dir: str | None = None):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.output_dir = Path(output_dir) if output_dir is not None else None
 
-    def checkpoint_file(self) -> Path:
-        files = sorted(self.checkpoint_dir.glob("consolidated.*.pth"))
-        if not files:
-            raise ValueError(
-                f"no consolidated.*.pth in {self.checkpoint_dir}; point checkpoint_dir at Meta's folder"
-            )
-        if len(files) > 1:
-            raise ValueError(
-                f"{self.checkpoint_dir} holds {len(files)} model-parallel shards; ftcore reads single-file "
-                "Meta checkpoints only: use the Hugging Face release of this model with HFCheckpointer"
-            )
-        return files[0]
-
     def load_into(self, model: TransformerDecoder) -> None:
-        path = self.checkpoint_file()
+        paths = checkpoint_files(self.checkpoint_dir)
         attn = model.layers[0].attn
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        loader = TensorLoader(model, source=str(path))
-        for meta_key, tensor in state.items():
+        shards = open_shards(paths)  # memory-mapped: a slice is read when its tensor is merged
+        source = str(paths[0]) if len(paths) == 1 else f"{self.checkpoint_dir} ({len(paths)} shards)"
+        loader = TensorLoader(model, source=source)
+        for meta_key in shards[0]:
             if meta_key == "rope.freqs":
                 continue  # Llama 2 stored its RoPE table; ftcore recomputes it
             key = meta_to_ftcore(meta_key)
+            tensor = merge_shards(meta_key, shards, paths, loader.expected.get(key))
             if key.endswith("attn.q_proj.weight"):
                 tensor = interleaved_to_halves(tensor, attn.n_heads)
             elif key.endswith("attn.k_proj.weight"):
                 tensor = interleaved_to_halves(tensor, attn.n_kv_heads)
             with torch.no_grad():
                 loader.load(key, tensor, source_key=meta_key)
+            del tensor  # one full tensor alive at a time
         loader.finish()
         reset_buffers(model)
 
@@ -105,20 +122,64 @@ class MetaCheckpointer:
         *,
         n_heads: int,
         n_kv_heads: int,
+        num_shards: int = 1,
+        embedding_split_dim: int | None = None,
+        params: dict | None = None,
     ) -> Path:
-        """Write `consolidated.00.pth` (+ params.json copied when the source had one)."""
+        """Write `consolidated.00.pth` .. `consolidated.{num_shards-1}.pth` and `params.json`.
+
+        `embedding_split_dim` matters only for several shards: 1 for Llama 2 (ParallelEmbedding
+        splits the model dim), 0 for Llama 3 (VocabParallelEmbedding splits the vocabulary);
+        None takes the source checkpoint's split. `params.json` is the source's when it has one,
+        else derived from the shapes (`meta_params`), updated with `params` (e.g. `norm_eps`,
+        `rope_theta`, which the tensors cannot tell)."""
         target = Path(output_dir) if output_dir is not None else self.output_dir
         if target is None:
             raise ValueError("MetaCheckpointer.save needs an output_dir (argument or constructor)")
-        meta_state = {}
-        for key, tensor in state_dict.items():
-            if key.endswith("attn.q_proj.weight"):
-                tensor = halves_to_interleaved(tensor, n_heads)
-            elif key.endswith("attn.k_proj.weight"):
-                tensor = halves_to_interleaved(tensor, n_kv_heads)
-            meta_state[ftcore_to_meta(key)] = tensor.detach().contiguous().cpu()
+        if num_shards < 1 or n_heads % num_shards or n_kv_heads % num_shards:
+            raise ValueError(
+                f"num_shards={num_shards} must be >= 1 and divide n_heads={n_heads} and "
+                f"n_kv_heads={n_kv_heads}: Meta's model-parallel layers give every shard whole heads"
+            )
+        if num_shards > 1 and embedding_split_dim is None:
+            embedding_split_dim = self._source_embedding_split_dim(state_dict)
         with atomic_directory(target) as tmp:
-            torch.save(meta_state, tmp / CHECKPOINT_FILE)
-            if (self.checkpoint_dir / "params.json").is_file():
-                shutil.copy2(self.checkpoint_dir / "params.json", tmp / "params.json")
+            # One shard at a time, so at most 1/num_shards of the model is copied at once.
+            for index in range(num_shards):
+                shard = {}
+                for key, tensor in state_dict.items():
+                    if key.endswith("attn.q_proj.weight"):
+                        tensor = halves_to_interleaved(tensor, n_heads)
+                    elif key.endswith("attn.k_proj.weight"):
+                        tensor = halves_to_interleaved(tensor, n_kv_heads)
+                    meta_key = ftcore_to_meta(key)
+                    dim = split_dim(meta_key, embedding_split_dim)
+                    shard[meta_key] = shard_slice(meta_key, tensor.detach().cpu(), dim, index, num_shards)
+                torch.save(shard, tmp / f"consolidated.{index:02d}.pth")
+                del shard
+            self._write_params(tmp, state_dict, n_heads, n_kv_heads, params)
         return target
+
+    def _source_embedding_split_dim(self, state_dict: dict[str, torch.Tensor]) -> int:
+        paths = sorted(self.checkpoint_dir.glob("consolidated.*.pth"))
+        if len(paths) < 2:
+            raise ValueError(
+                "MetaCheckpointer.save(num_shards > 1) needs embedding_split_dim: 1 for Llama 2 "
+                "(embeddings split along the model dim), 0 for Llama 3 (split along the vocabulary)"
+            )
+        first = torch.load(paths[0], map_location="cpu", weights_only=True, mmap=True)
+        full_shape = state_dict["tok_embeddings.weight"].shape
+        return embedding_split_dim_of(first["tok_embeddings.weight"].shape, full_shape, len(paths), paths[0])
+
+    def _write_params(self, folder: Path, state_dict, n_heads: int, n_kv_heads: int, extra) -> None:
+        source = self.checkpoint_dir / "params.json"
+        if source.is_file() and not extra:
+            shutil.copy2(source, folder / "params.json")  # keeps Meta's own fields byte for byte
+            return
+        base = (
+            json.loads(source.read_text())
+            if source.is_file()
+            else meta_params(state_dict, n_heads, n_kv_heads)
+        )
+        params = {**base, **(extra or {})}
+        (folder / "params.json").write_text(json.dumps(params, indent=2) + "\n")
