@@ -9,6 +9,7 @@
 #   rest            what `all` rarely reaches: ftcore compiled and torchtune eager 8B LoRA/QLoRA,
 #                   3B full fine-tune compiled.
 #   big             Llama-3.1-70B-shape QLoRA at bs 1 x 2048: ftcore eager, torchtune compiled.
+#   headline        no tests: 8B LoRA and QLoRA, compiled and eager, and 3B full, both systems.
 # Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
 # suite's deadline (SUITE_BUDGET_S, default 510 s); a failing step never stops the next one.
 # Writes into $OUT (default ./gpu_out): suite.log (everything printed), results.jsonl (one JSON
@@ -18,7 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
-[[ $PLAN =~ ^(all|rest|big)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest or big" >&2; exit 2; }
+[[ $PLAN =~ ^(all|rest|big|headline)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big or headline" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -96,6 +97,13 @@ plan_rest() {
   vs_peer --model llama3_2_3b ftcore:full:compile:90:180 peer:full:compile:100:200
 }
 
+# The headline table, no tests: every 8B LoRA/QLoRA pair and the 3B full pair, compiled first.
+plan_headline() {
+  vs_peer ftcore:lora:compile:40:90 peer:lora:compile:50:100 ftcore:qlora:compile:40:90 peer:qlora:compile:50:100
+  vs_peer ftcore:lora:eager:30:60 peer:lora:eager:30:60 ftcore:qlora:eager:30:70 peer:qlora:eager:40:90
+  vs_peer --model llama3_2_3b ftcore:full:compile:40:90 peer:full:compile:50:100 ftcore:full:eager:25:60
+}
+
 plan_big() {
   vs_peer --model llama3_1_70b --bs 1 ftcore:qlora:eager:120:280 peer:qlora:compile:200:330
 }
@@ -105,6 +113,7 @@ case $PLAN in
   all) plan_all ;;
   rest) plan_rest ;;
   big) plan_big ;;
+  headline) plan_headline ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"
