@@ -3,14 +3,10 @@ tensor into a materialized model with clear errors, and atomic output folders.""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-from collections.abc import Iterator
-from pathlib import Path
-
 import torch
 from torch import nn
+
+from ftcore.training.checkpoint_io import atomic_write_dir as atomic_directory  # noqa: F401  (one implementation)
 
 # Adapter parameters of LoRALinear (docs/architecture.md) are never in a base checkpoint: they are
 # initialized by the model (or loaded from an adapter file), so they are not "missing".
@@ -81,29 +77,6 @@ class TensorLoader:
                 f"{self.source} is missing {len(missing)} tensor(s) the model needs: {shown}; "
                 "check that the model builder matches the checkpoint"
             )
-
-
-@contextlib.contextmanager
-def atomic_directory(output_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `output_dir`; on success it replaces `output_dir` by rename,
-    so a crash mid-write never leaves a half-written checkpoint under the final name."""
-    final = Path(output_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def interleaved_to_halves(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
