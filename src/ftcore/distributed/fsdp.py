@@ -7,8 +7,11 @@ and of its gradient and optimizer state.
 
 LoRA: a block mixing the frozen base weight and trainable adapters is one unit; FSDP2 keeps
 `requires_grad` per parameter, so only the adapters get gradients and optimizer state.
-NF4 (QLoRA): `NF4Linear` keeps its bytes in buffers, which FSDP2 does not shard: every rank holds the
-whole NF4 base (0.5 byte per weight) and shards only the adapters and the float parameters.
+NF4 (QLoRA): `NF4Linear` keeps its packed data in buffers, which FSDP2 would leave whole on every
+rank. `shard_model` first turns them into frozen parameters in place (same names, same state-dict
+keys), so FSDP2 shards them on dim 0 and all-gathers them as 4-bit data (uint8 codes and fp32 scales;
+a unit of mixed dtypes is all-gathered as bytes) just before the block runs. The scalar offset stays
+a buffer (4 bytes). See `nf4_sharding.py` for loading and gathering such layers.
 
 A full tensor loaded into a sharded module (the checkpointers' `module.load_state_dict({name: t})`)
 is cut to this rank's shard by a load hook that `shard_model` installs, so checkpoint loading after
@@ -65,11 +68,20 @@ def shard_model(
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     if cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
+    from ftcore.distributed.nf4_sharding import nf4_buffers_to_parameters
+
+    nf4_layers = set(nf4_buffers_to_parameters(model))
+    # FSDP2 casts every floating parameter to param_dtype, which would round the fp32 NF4 scales:
+    # then each block's NF4 layers form their own unit that gathers them as stored.
+    nf4_own_unit = bool(nf4_layers) and param_dtype not in (None, torch.float32)
     last = len(model.layers) - 1
     for index, block in enumerate(model.layers):
         # The last block's backward starts right after the forward: resharding it would only buy an
         # immediate all-gather again (torchtitan makes the same exception).
-        fully_shard(block, reshard_after_forward=reshard_after_forward and index < last, **options)
+        reshard = reshard_after_forward and index < last
+        if nf4_own_unit and (block_nf4 := [m for m in block.modules() if m in nf4_layers]):
+            fully_shard(block_nf4, reshard_after_forward=reshard, **_without_mp(options))
+        fully_shard(block, reshard_after_forward=reshard, **options)
     # The root (embeddings, final norm, output) stays gathered from its forward to its backward: the
     # training loss calls `model.hidden` and then reads `model.output_weight` outside any forward, and
     # backward needs these weights at once anyway.
@@ -85,6 +97,20 @@ def shard_model(
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
     install_full_tensor_load_hooks(model)
     return model
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Free every gathered unit. Call after a forward under `torch.no_grad()` (evaluation): units that
+    do not reshard after forward (the root, the last block) stay gathered, and the next training
+    forward then skips their all-gather; measured on 2 gloo ranks, that step's gradients come out
+    wrong (loss 1e-3 off the 1-process run from the next step on; exact with this call)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _without_mp(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k != "mp_policy"}
 
 
 def install_full_tensor_load_hooks(model: nn.Module) -> None:

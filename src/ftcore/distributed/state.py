@@ -16,7 +16,6 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
@@ -24,6 +23,12 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from ftcore.distributed.fsdp import install_full_tensor_load_hooks
+from ftcore.distributed.nf4_sharding import (
+    find_nf4_parts,
+    nf4_part_names,
+    nf4_parts_in_state_dict,
+    unsharded_nf4_state,
+)
 
 
 def _rank() -> int:
@@ -75,17 +80,39 @@ def iter_full_state(model: nn.Module, keys: set[str] | None = None) -> Iterator[
 
     Every rank must drive the iterator to the end (each gather is a collective). Peak memory is one
     full tensor on the accelerator and, on rank 0, what the caller keeps. `keys` restricts the names.
+    A sharded NF4 layer is gathered as its 4-bit parts and written as the unsharded layer would be
+    (a bf16 `weight`, or the parts inside `nf4_state_dict_mode("nf4")`).
     """
     decoder_layout = isinstance(getattr(model, "layers", None), nn.ModuleList) and not model._parameters
     units = list(_state_units(model)) if decoder_layout and not model._buffers else [("", model)]
     for prefix, module in units:
-        for name, value in module.state_dict(prefix=prefix, keep_vars=True).items():
+        with nf4_parts_in_state_dict(module) as nf4_modes:
+            state = module.state_dict(prefix=prefix, keep_vars=True)
+        nf4_layers = find_nf4_parts(state, nf4_modes)
+        nf4_keys = {p + part for p, layer in nf4_layers.items() for part in nf4_part_names(layer)}
+        for name, value in state.items():
+            if name in nf4_keys:
+                layer_prefix = name[: -len("weight_packed")]
+                if layer_prefix in nf4_layers:  # once per layer, at its packed bytes
+                    yield from _full_nf4_layer(state, layer_prefix, nf4_layers[layer_prefix], nf4_modes, keys)
+                continue
             if keys is not None and name not in keys:
                 continue
             full = _full_tensor(value)
             if _rank() == 0:
                 yield name, full.to("cpu", copy=True)
             del full
+
+
+def _full_nf4_layer(state, prefix, layer, modes, keys) -> Iterator[tuple[str, torch.Tensor]]:
+    names = nf4_part_names(layer)
+    if keys is not None and prefix + "weight" not in keys and not any(prefix + n in keys for n in names):
+        return
+    parts = {name: _full_tensor(state[prefix + name]) for name in names}  # 4-bit data on the wire
+    if _rank() == 0:
+        for name, full in unsharded_nf4_state(layer, modes[layer], parts).items():
+            if keys is None or prefix + name in keys:
+                yield prefix + name, full.to("cpu", copy=True)
 
 
 def gather_full_state_dict(model: nn.Module, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
@@ -97,19 +124,16 @@ def gather_full_state_dict(model: nn.Module, keys: set[str] | None = None) -> di
 
 
 # ---- sharded training state (DCP) -----------------------------------------------------------------
-def _trainable_names(model: nn.Module) -> set[str]:
-    return {name for name, p in model.named_parameters() if p.requires_grad}
-
-
 def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The trainable weights and the optimizer state, as (sharded) tensors keyed by parameter name.
 
     Frozen weights (a LoRA base, NF4 buffers) are left out: the base checkpoint already holds them.
     """
-    names = _trainable_names(model)
-    weights = get_model_state_dict(model)
+    # The parameters themselves (sharded DTensors; DCP loads into them in place), not
+    # get_model_state_dict: that builds the whole state dict, NF4 bases included.
+    weights = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     return {
-        "model": {k: v for k, v in weights.items() if k in names},
+        "model": weights,
         "optimizer": get_optimizer_state_dict(model, optimizer),
     }
 

@@ -168,6 +168,12 @@ class FinetuneSession:
             metrics["val_loss"] = float(total[0] / total[1].clamp(min=1))
         for evaluator in self._evaluators:
             metrics.update(evaluator(p.model, p.tokenizer))
+        if p.sharded:
+            # no-grad forwards leave the root and last block gathered; the next training step would
+            # then skip their all-gather and get wrong gradients (measured on 2 gloo ranks).
+            from ftcore.distributed.fsdp import reshard_all
+
+            reshard_all(p.model)
         p.model.train()
         return metrics
 
