@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED_ASSETS = PROJECT_ROOT.parent / "shared" / "assets"
+# FTCORE_TEST_ASSETS points elsewhere, e.g. at a copy carried to the GPU machine.
+SHARED_ASSETS = Path(os.environ.get("FTCORE_TEST_ASSETS", PROJECT_ROOT.parent / "shared" / "assets"))
 
 
 @pytest.fixture

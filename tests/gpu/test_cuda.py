@@ -1,0 +1,82 @@
+"""The CUDA path, on a GPU machine (`pytest -m gpu`); skipped without CUDA.
+
+References: the reference NF4 implementation run on the same CUDA tensors (the Triton kernels must be
+bit-identical to it), an fp32 linear on the dequantized weight, and llama2.c's known greedy output of
+stories260K. The LoRA run checks only that bf16 training with checkpointing learns (no golden values).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from ftcore import kernels
+from ftcore.config import apply_overrides, load_config
+from ftcore.kernels import nf4_reference
+from ftcore.paths import CONFIGS_DIR, RECIPES_DIR
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"gpu_recipe_{name}", RECIPES_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (14336, 4096)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_nf4_is_bit_identical_to_the_reference_on_cuda(shape, dtype):
+    weight = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02).to("cuda", dtype)
+    ours, reference = kernels.quantize_nf4(weight), nf4_reference.quantize_nf4(weight)
+    for field in ("packed", "absmax", "nested_absmax", "offset"):
+        assert torch.equal(getattr(ours, field), getattr(reference, field)), field
+    assert torch.equal(kernels.dequantize_nf4(ours, dtype), nf4_reference.dequantize_nf4(reference, dtype))
+
+
+def test_nf4_linear_input_gradient_matches_fp32_dequantized_linear_on_cuda():
+    weight = torch.randn(512, 256, device="cuda") * 0.02
+    parts = kernels.quantize_nf4(weight)
+    x = torch.randn(3, 7, 256, device="cuda", requires_grad=True)
+    y = kernels.nf4_linear(x, parts)
+    y.square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = F.linear(x_ref, kernels.dequantize_nf4(parts, torch.float32))
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_stories260k_greedy_output_on_cuda(assets):
+    expected = (assets / "models" / "stories260K_greedy200_expected.txt").read_text(encoding="utf-8")
+    cfg = OmegaConf.load(CONFIGS_DIR / "generate" / "stories260K.yaml")
+    cfg.checkpoint_path, cfg.device = str(assets / "models" / "stories260K.gguf"), "cuda"
+    recipe = _recipe("generate").GenerateRecipe(cfg)
+    recipe.setup()
+    assert recipe.generate() == expected
+
+
+@pytest.mark.parametrize("quantize_base", ["false", "true"], ids=["lora", "qlora"])
+def test_lora_recipe_learns_on_cuda_in_bf16_with_checkpointing(tmp_path, quantize_base):
+    cfg = apply_overrides(
+        load_config("demo/reverse_lora"),
+        [f"output_dir={tmp_path}", "device=cuda", "dtype=bf16", "enable_activation_checkpointing=true",
+         f"model.quantize_base={quantize_base}", "model.hidden_dim=384", "dataset.source.num_rows=2048",
+         "epochs=2", "eval_every_n_steps=null", "evaluators.0.max_rows=64", "save_every_n_steps=null",
+         "plot_loss_curve=false"],
+    )  # fmt: skip
+    _recipe("lora_finetune").recipe_main(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if "loss" in row]
+    # seen on an H100: 3.93 -> 2.91 in 64 steps (QLoRA); a frozen random base learns slowly at first
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert [row["peak_memory_gib"] for row in rows if "peak_memory_gib" in row][-1] > 0
