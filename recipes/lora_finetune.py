@@ -77,8 +77,14 @@ class LoRAFinetuneRecipe:
     def _read_weights(self, folder, saved: dict) -> None:
         """Put the saved adapter back; a sharded model keeps its shard of each tensor (load hooks)."""
         model = self.session.parts.model
-        if unknown := sorted(set(saved) - set(get_adapter_params(model))):
+        expected = set(get_adapter_params(model))
+        if unknown := sorted(set(saved) - expected):
             raise ValueError(f"{folder}: saved adapter tensors {unknown[:4]} are not in the model's adapters")
+        if missing := sorted(expected - set(saved)):
+            raise ValueError(
+                f"{folder}: the checkpoint lacks adapter tensors {missing[:4]} (of {len(missing)}); resuming would "
+                "start them fresh under a trained optimizer state. Check the LoRA settings match the run that saved it"
+            )
         model.load_state_dict(saved, strict=False)
 
 

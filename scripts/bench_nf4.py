@@ -6,7 +6,10 @@ NF4 linear forward+backward (to the input) at 4096 tokens vs a bf16 nn.Linear an
 
 Timing: CUDA events around each call, after an L2 flush and a GPU sleep that lets the host queue the call
 before the GPU reaches it, so `*_ms` is device time (host launch overhead hidden, as in a training step
-whose queue runs ahead); `*_loop_ms` is the mean of back-to-back calls, host overhead included.
+whose queue runs ahead); `*_loop_ms` is the mean of back-to-back calls, host overhead included;
+`*_host_ms` is the host time to issue one call. The sleep is sized to twice the call's host time: a fixed
+0.1 ms sleep hid the bf16 linear's launches but not the NF4 linear's (~0.8 ms on the H100 host), so
+the first H100 table charged NF4 with host time (1.51x at 8B q/o, 3.48x at k/v; `*_loop_ms` 0.82 / 0.97).
 `*_kernels` / `*_memcpy` / `*_syncs` come from torch.profiler for one call: kernels on the GPU, host<->device
 copies, and host-blocking synchronizations (each one drains the GPU queue).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 import warnings
 
 import torch
@@ -32,21 +36,53 @@ SHAPES = {
 }
 SWEEP = [(e, w) for e in (2048, 4096, 8192, 16384) for w in (2, 4, 8)]  # (elements_per_program, num_warps)
 _L2_FLUSH = None
+_SLEEP_CYCLES_PER_MS = None
+
+
+def sleep_cycles_per_ms() -> float:
+    """GPU clock cycles of `torch.cuda._sleep` per millisecond, measured once."""
+    global _SLEEP_CYCLES_PER_MS
+    if _SLEEP_CYCLES_PER_MS is None:
+        cycles = 20_000_000
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(cycles)  # warm
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        torch.cuda.synchronize()
+        _SLEEP_CYCLES_PER_MS = cycles / start.elapsed_time(end)
+    return _SLEEP_CYCLES_PER_MS
+
+
+def host_ms(fn, iters: int = 20) -> float:
+    """Median host time to issue one call (GPU idle before each): what a GPU sleep must cover."""
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - begin)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e3
 
 
 def device_ms(fn, warmup: int = 5, iters: int = 20) -> float:
-    """Median device time of one call: L2 flushed, host ahead of the GPU (triton.testing.do_bench's method)."""
+    """Median device time of one call: L2 flushed, host ahead of the GPU (triton.testing.do_bench's method).
+
+    The GPU sleeps for twice the call's host time (at least 0.1 ms) before the start event, so every launch
+    of the call is queued before the GPU reaches it; a shorter sleep lets host time leak into the result."""
     global _L2_FLUSH
     if _L2_FLUSH is None:
         _L2_FLUSH = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
     for _ in range(warmup):
         fn()
+    sleep_cycles = int(max(0.1, 2 * host_ms(fn, iters=5) + 0.05) * sleep_cycles_per_ms())
     events = [
         (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
     ]
     for start, end in events:
         _L2_FLUSH.zero_()
-        torch.cuda._sleep(200_000)  # ~0.1 ms of GPU time in which the host queues fn's launches
+        torch.cuda._sleep(sleep_cycles)  # GPU time in which the host queues all of fn's launches
         start.record()
         fn()
         end.record()
@@ -172,6 +208,7 @@ def bench_shape(shape: tuple[int, int], tokens: int, bandwidth: float, args) -> 
     row.update(
         bf16_frozen_ms=device_ms(frozen_step), bf16_trainable_ms=device_ms(fwd_bwd(trainable, x, grad)),
         nf4_ms=device_ms(nf4_step), bf16_frozen_loop_ms=loop_ms(frozen_step), nf4_loop_ms=loop_ms(nf4_step),
+        bf16_frozen_host_ms=host_ms(frozen_step), nf4_host_ms=host_ms(nf4_step),
     )  # fmt: skip
     row.update({"nf4_step_" + k: v for k, v in launch_counts(nf4_step).items()})
     row.update(torchao_steps(w, x, grad, args.torchao_compile))
@@ -181,7 +218,7 @@ def bench_shape(shape: tuple[int, int], tokens: int, bandwidth: float, args) -> 
 
 COLUMNS = ["model", "layer", "dequant_ms", "dequant_GBps", "dequant_frac_hbm", "dequant_kernels", "dequant_syncs",
            "dequant_best_cfg", "dequant_best_frac_hbm", "bf16_frozen_ms", "nf4_ms", "nf4_vs_bf16_frozen",
-           "bf16_frozen_loop_ms", "nf4_loop_ms", "nf4_step_kernels", "nf4_step_syncs", "torchao_eager_ms",
+           "bf16_frozen_loop_ms", "nf4_loop_ms", "bf16_frozen_host_ms", "nf4_host_ms", "nf4_step_kernels", "nf4_step_syncs", "torchao_eager_ms",
            "torchao_compiled_ms"]  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from ftcore.data.collate import padded_collate
 from ftcore.distributed.env import (
     destroy_distributed,
+    exit_process,
     init_distributed,
     launched_by_torchrun,
     report_rank_failure,
@@ -153,3 +154,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # see exit_process: skips an intermittent abort at interpreter shutdown

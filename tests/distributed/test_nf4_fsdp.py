@@ -26,7 +26,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from ftcore.data.collate import padded_collate
-from ftcore.distributed.env import destroy_distributed, init_distributed, launched_by_torchrun
+from ftcore.distributed.env import destroy_distributed, exit_process, init_distributed, launched_by_torchrun
 from ftcore.distributed.fsdp import fsdp_mesh, reshard_all, shard_model
 from ftcore.distributed.state import gather_full_state_dict, load_full_state_streaming
 from ftcore.models.builders import lora_tiny_llama, tiny_llama
@@ -246,3 +246,4 @@ def test_nf4_blocks_are_all_gathered_as_4bit_data(runs):
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # see exit_process: skips an intermittent abort at interpreter shutdown

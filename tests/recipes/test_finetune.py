@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -133,3 +134,30 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path):
     assert (tmp_path / "step_000002" / "adapter" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "step_000004").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")], "partial save left behind"
+
+
+def test_resume_past_the_middle_of_an_epoch_continues_that_epoch(tmp_path):
+    # 8 batches per epoch; the checkpoint at step 6 is three quarters into the first epoch.
+    common = [
+        "dataset.source.num_rows=64",
+        "~evaluators",
+        "~dataset_val",
+        "epochs=2",
+        "max_steps=12",
+        "save_every_n_steps=6",
+        "keep_last_n=5",
+        "lr_scheduler.num_warmup_steps=2",
+        "model.lora_dropout=0.1",
+    ]
+    run("lora_finetune", demo_config("demo/reverse_lora", tmp_path / "straight", *common))
+    shutil.copytree(tmp_path / "straight" / "step_000006", tmp_path / "resumed" / "step_000006")
+    shutil.copytree(tmp_path / "straight" / "data", tmp_path / "resumed" / "data")
+    run(
+        "lora_finetune",
+        demo_config("demo/reverse_lora", tmp_path / "resumed", *common, "resume_from_checkpoint=true"),
+    )
+    assert _logged(tmp_path / "resumed", "epoch")[:3] == [0, 0, 1]  # steps 7 and 8 finish epoch 0
+    expected = trained_weights(tmp_path / "straight" / "step_000012")
+    actual = trained_weights(tmp_path / "resumed" / "step_000012")
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name

@@ -11,7 +11,7 @@ import sys
 
 from ftcore.cli.run import run_in_process
 from ftcore.config import ConfigError
-from ftcore.distributed.env import report_rank_failure
+from ftcore.distributed.env import exit_process, report_rank_failure
 
 
 @report_rank_failure
@@ -28,4 +28,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -17,7 +17,7 @@ EPILOG = """examples:
   ftcore ls
   ftcore cp llama3_1/8B_lora my.yaml
   ftcore validate lora_finetune --config my.yaml batch_size=4
-  ftcore run lora_finetune --config my.yaml checkpointer.checkpoint_dir=/ckpt ~dataset_val
+  ftcore run lora_finetune --config my.yaml checkpoint_dir=/ckpt ~dataset_val
   ftcore run --nproc_per_node 8 lora_finetune --config llama3_1/70B_qlora"""
 
 

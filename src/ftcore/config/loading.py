@@ -133,6 +133,7 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], source: str = "comman
             )
         value = parse_value(raw)
         parent, last = _parent_of(cfg, key, where, create=adding)
+        _check_container(parent, key, where)
         exists = _has(parent, last)
         if adding and exists:
             raise ConfigError(
@@ -143,6 +144,28 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], source: str = "comman
         current = _child(parent, last) if exists else None
         if isinstance(current, DictConfig) and COMPONENT_KEY in current and isinstance(value, str):
             current[COMPONENT_KEY] = value  # `model=ftcore.models.llama3_1_8b` swaps the builder only
+        elif isinstance(parent, ListConfig) and not exists:
+            _append_to_list(parent, last, key, value, where)
         else:
             parent[int(last) if isinstance(parent, ListConfig) else last] = value
     return cfg
+
+
+def _check_container(parent, key: str, where: str) -> None:
+    """The node an override writes into must be a mapping or a list, not a value such as null."""
+    if not isinstance(parent, (DictConfig, ListConfig)):
+        holder = key.rsplit(".", 1)[0]
+        raise ConfigError(
+            where, key, f"`{holder}` is {parent!r}, not a mapping or a list",
+            f"Set it as a whole instead, e.g. `{holder}={{{key.rsplit('.', 1)[-1]}: ...}}`.",
+        )  # fmt: skip
+
+
+def _append_to_list(parent: ListConfig, last: str, key: str, value, where: str) -> None:
+    """`+list.N=value` adds an item at the end only (N = the current length)."""
+    if not (last.isdigit() and int(last) == len(parent)):
+        raise ConfigError(
+            where, key, f"the list has {len(parent)} item(s)",
+            f"Add an item at the end with `+{key.rsplit('.', 1)[0]}.{len(parent)}=...`.",
+        )  # fmt: skip
+    parent.append(value)

@@ -123,10 +123,30 @@ def lora_transformer_decoder(
     lora_dropout: float = 0.0,
     quantize_base: bool = False,
     use_dora: bool = False,
-    **sizes,
+    *,
+    vocab_size: int,
+    dim: int,
+    n_layers: int,
+    n_heads: int,
+    n_kv_heads: int,
+    hidden_dim: int,
+    max_seq_len: int,
+    rope_base: float = 10_000.0,
+    norm_eps: float = 1e-5,
+    tie_embeddings: bool = False,
+    qkv_bias: bool = False,
+    head_dim: int | None = None,
+    rope_scaling: Llama3RopeScaling | None = None,
 ) -> TransformerDecoder:
     """`transformer_decoder` with LoRA adapters on the named attention projections
-    (any of q_proj, k_proj, v_proj, output_proj), optionally the MLP and the output projection."""
+    (any of q_proj, k_proj, v_proj, output_proj), optionally the MLP and the output projection.
+
+    The sizes are spelled out (no **kwargs) so that config validation can name a misspelt key."""
+    sizes = dict(
+        vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+        hidden_dim=hidden_dim, max_seq_len=max_seq_len, rope_base=rope_base, norm_eps=norm_eps,
+        tie_embeddings=tie_embeddings, qkv_bias=qkv_bias, head_dim=head_dim, rope_scaling=rope_scaling,
+    )  # fmt: skip
     unknown = sorted(set(lora_attn_modules) - set(LORA_ATTN_MODULES))
     if unknown:
         raise ValueError(

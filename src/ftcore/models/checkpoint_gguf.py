@@ -103,9 +103,29 @@ def from_gguf(path: str, quantize_base: bool = False) -> TransformerDecoder:
     return transformer_decoder(quantize_base=quantize_base, **gguf_model_sizes(path))
 
 
-def lora_from_gguf(path: str, lora_attn_modules, **lora_args) -> TransformerDecoder:
-    """`from_gguf` with LoRA adapters; `lora_args` as for `lora_transformer_decoder`."""
-    return lora_transformer_decoder(lora_attn_modules, **lora_args, **gguf_model_sizes(path))
+def lora_from_gguf(
+    path: str,
+    lora_attn_modules,
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    quantize_base: bool = False,
+    use_dora: bool = False,
+) -> TransformerDecoder:
+    """`from_gguf` with LoRA adapters; the LoRA arguments as for `lora_transformer_decoder`."""
+    return lora_transformer_decoder(
+        lora_attn_modules,
+        apply_lora_to_mlp,
+        apply_lora_to_output,
+        lora_rank,
+        lora_alpha,
+        lora_dropout,
+        quantize_base,
+        use_dora,
+        **gguf_model_sizes(path),
+    )
 
 
 class GGUFCheckpointer:

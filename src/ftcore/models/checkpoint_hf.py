@@ -95,10 +95,30 @@ def from_hf_config(checkpoint_dir: str, quantize_base: bool = False) -> Transfor
     return transformer_decoder(quantize_base=quantize_base, **hf_model_sizes(read_hf_config(checkpoint_dir)))
 
 
-def lora_from_hf_config(checkpoint_dir: str, lora_attn_modules, **lora_args) -> TransformerDecoder:
-    """`from_hf_config` with LoRA adapters; `lora_args` as for `lora_transformer_decoder`."""
+def lora_from_hf_config(
+    checkpoint_dir: str,
+    lora_attn_modules,
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    quantize_base: bool = False,
+    use_dora: bool = False,
+) -> TransformerDecoder:
+    """`from_hf_config` with LoRA adapters; the LoRA arguments as for `lora_transformer_decoder`."""
     sizes = hf_model_sizes(read_hf_config(checkpoint_dir))
-    return lora_transformer_decoder(lora_attn_modules, **lora_args, **sizes)
+    return lora_transformer_decoder(
+        lora_attn_modules,
+        apply_lora_to_mlp,
+        apply_lora_to_output,
+        lora_rank,
+        lora_alpha,
+        lora_dropout,
+        quantize_base,
+        use_dora,
+        **sizes,
+    )
 
 
 class HFCheckpointer:

@@ -35,6 +35,7 @@ from ftcore.training import (
     plot_loss_curve,
     save_training_state,
 )
+from ftcore.training.checkpoint_io import STATE_FILE
 
 log = logging.getLogger("ftcore")
 
@@ -219,6 +220,11 @@ class FinetuneSession:
                 self.parts.output_dir,
             )
             return
+        if not (folder / STATE_FILE).is_file():
+            raise ValueError(
+                f"resume_from_checkpoint: {folder} holds no {STATE_FILE}; point it at a step_*/epoch_* folder "
+                "written by a training run, or set resume_from_checkpoint=true for the latest in output_dir"
+            )
         trainable = load_file(str(folder / TRAINABLE_FILE)) if (folder / TRAINABLE_FILE).is_file() else {}
         self._read_weights(folder, trainable)
         progress = self._load_optimizer_and_progress(folder)

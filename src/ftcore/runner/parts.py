@@ -111,7 +111,9 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
     )
     val_loader = None
     if val_set is not None:
-        val_loader, _ = build_loader(val_set, collate, batch_size, False, seed, rank, world_size)
+        val_loader, _ = build_loader(
+            val_set, collate, batch_size, False, seed, rank, world_size, name="dataset_val", training=False
+        )
 
     checkpointer = instantiate(cfg.checkpointer) if cfg.get("checkpointer") is not None else None
     if sharded:

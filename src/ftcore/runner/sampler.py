@@ -27,5 +27,4 @@ class ResumableSampler(DistributedSampler):
         self._skip = 0
         return iter(indices)
 
-    def __len__(self) -> int:
-        return super().__len__() - self._skip
+    # __len__ stays the whole epoch's: the loop counts batches from the epoch's start, skipped ones too.

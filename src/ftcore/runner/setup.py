@@ -85,12 +85,16 @@ def build_model(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype,
 
 
 def build_loader(
-    dataset, collate_fn, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1
-):
-    """A DataLoader over `dataset` with a resumable, rank-sharded sampler; returns (loader, sampler)."""
-    if len(dataset) < batch_size * world_size:
+    dataset, collate_fn, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
+    name: str = "dataset", training: bool = True,
+):  # fmt: skip
+    """A DataLoader over `dataset` with a resumable, rank-sharded sampler; returns (loader, sampler).
+
+    Training drops an incomplete last batch (every step has the same size); validation keeps it.
+    """
+    if training and len(dataset) < batch_size * world_size:
         raise ValueError(
-            f"the dataset has {len(dataset)} samples, fewer than one batch "
+            f"config key `{name}`: the dataset has {len(dataset)} samples, fewer than one batch "
             f"(batch_size={batch_size} x {world_size} ranks); lower batch_size or add data"
         )
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
@@ -102,7 +106,7 @@ def build_loader(
         batch_size=batch_size,
         sampler=sampler,
         collate_fn=collate_fn,
-        drop_last=True,
+        drop_last=training,
         generator=generator,
     )
     return loader, sampler
