@@ -8,18 +8,11 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from ftcore.runner.finetune import FinetuneSession, common_config_keys, run_recipe
+from ftcore.runner.finetune import FinetuneSession, common_config_keys, common_runtime_args, run_recipe
 
 CONFIG_KEYS = common_config_keys()
 
-# What the recipe passes to `instantiate` itself (positional count or keyword name), so that
-# `ftcore validate` does not report those arguments as missing from the config.
-RUNTIME_ARGS = {
-    "dataset": (1,),
-    "dataset_val": (1,),
-    "optimizer": (1,),
-    "lr_scheduler": (1, "num_training_steps"),
-}
+RUNTIME_ARGS = common_runtime_args()
 
 
 def _all_trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:

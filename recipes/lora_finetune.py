@@ -10,19 +10,12 @@ import torch
 from omegaconf import DictConfig
 
 from ftcore.modules.lora import get_adapter_params, get_merged_state_dict, set_trainable_params
-from ftcore.runner.finetune import FinetuneSession, common_config_keys, run_recipe
+from ftcore.runner.finetune import FinetuneSession, common_config_keys, common_runtime_args, run_recipe
 from ftcore.training.peft_export import save_peft_adapter
 
 CONFIG_KEYS = {**common_config_keys(), "save_merged_model": bool, "base_model_name_or_path": str}
 
-# What the recipe passes to `instantiate` itself (positional count or keyword name), so that
-# `ftcore validate` does not report those arguments as missing from the config.
-RUNTIME_ARGS = {
-    "dataset": (1,),
-    "dataset_val": (1,),
-    "optimizer": (1,),
-    "lr_scheduler": (1, "num_training_steps"),
-}
+RUNTIME_ARGS = common_runtime_args()
 
 
 def _lora_trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -3,6 +3,7 @@ same weights, bit for bit, as a run that never stopped."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -73,6 +74,13 @@ def test_kill_9_then_resume_gives_identical_weights(tmp_path):
     stderr = resumed.communicate(timeout=300)[1]
     assert resumed.returncode == 0, stderr
     assert "resumed from" in stderr
+
+    # The steps the resumed run repeated are logged once: the loss curve does not double back.
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    ]
+    loss_steps = [s for s in steps if s > 0]
+    assert loss_steps == sorted(loss_steps) and len(set(loss_steps)) == len(loss_steps)
 
     expected = trained_weights(tmp_path / "straight" / "step_000060")
     actual = trained_weights(tmp_path / "killed" / "step_000060")

@@ -36,12 +36,24 @@ from ftcore.training import (
     save_training_state,
 )
 from ftcore.training.checkpoint_io import STATE_FILE
+from ftcore.training.loggers import drop_records_after
 
 log = logging.getLogger("ftcore")
 
 TRAINABLE_FILE = "trainable.safetensors"  # LoRA: the adapter tensors, exactly, for resume
 WriteWeights = Callable[[Path], dict]
 ReadWeights = Callable[[Path, dict], None]
+
+
+def common_runtime_args() -> dict:
+    """What a fine-tuning recipe passes to `instantiate` itself (an int: positional arguments; a str: a
+    keyword), so that `ftcore validate` does not report those arguments as missing from the config."""
+    return {
+        "dataset": (1,),
+        "dataset_val": (1,),
+        "optimizer": (1,),
+        "lr_scheduler": (1, "num_training_steps"),
+    }
 
 
 def common_config_keys() -> dict:
@@ -230,6 +242,8 @@ class FinetuneSession:
         progress = self._load_optimizer_and_progress(folder)
         self.loop.load_state_dict(progress)
         self._last_saved_step = progress.step
+        if self.parts.is_main:
+            drop_records_after(self.parts.output_dir / "metrics.jsonl", progress.step)
         log.info("resumed from %s at step %d", folder, progress.step)
 
     def _load_optimizer_and_progress(self, folder: Path):

@@ -61,6 +61,23 @@ class JSONLLogger:
         self._file.close()
 
 
+def drop_records_after(path: str | os.PathLike, step: int) -> None:
+    """Remove the records of steps after `step` from a JSONL metrics file, in place.
+
+    A resumed run repeats the steps since its checkpoint; without this they would be logged twice and
+    the loss curve would double back. The file is rewritten through a second handle and truncated, so
+    a JSONLLogger that already holds it open (append mode) keeps writing at the new end.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, "r+", encoding="utf-8") as handle:
+        kept = [line for line in handle if line.strip() and json.loads(line).get("step", 0) <= step]
+        handle.seek(0)
+        handle.writelines(kept)
+        handle.truncate()
+
+
 class WandBLogger:
     """Weights & Biases; `mode="offline"` (the default) writes runs under `dir` for a later `wandb sync`."""
 
