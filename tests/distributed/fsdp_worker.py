@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -105,11 +106,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save_state", help="write the DCP training state here after the last step")
     parser.add_argument("--resume", help="load the DCP training state from here before training")
     parser.add_argument("--fail_rank", type=int, help="this rank raises before its first step (failure test)")
+    parser.add_argument("--hang_rank", type=int, help="this rank stalls before its first step (hang test)")
+    parser.add_argument(
+        "--timeout_s", type=float, default=60.0, help="the process group's collective timeout"
+    )
     args = parser.parse_args(argv)
 
     distributed = launched_by_torchrun()
     rank, world = (
-        (init_distributed(backend="gloo", timeout_s=60).rank, dist.get_world_size())
+        (init_distributed(backend="gloo", timeout_s=args.timeout_s).rank, dist.get_world_size())
         if distributed
         else (0, 1)
     )
@@ -141,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
         settings.max_steps = progress["step"] + args.steps
     if args.fail_rank == rank:
         raise RuntimeError(f"injected failure on rank {rank}")
+    if args.hang_rank == rank:
+        time.sleep(600)  # a stuck rank: the others must time out in their first collective
     loop.run()
     if args.save_state:
         save_training_state(args.save_state, model, optimizer)

@@ -29,6 +29,21 @@ def test_raising_rank_ends_job_with_its_rank(tmp_path):
     assert not (tmp_path / "o.pt").exists()
 
 
+def test_hung_rank_ends_job_by_timeout_naming_the_waiting_rank(tmp_path):
+    model = fsdp_worker.build_model("full")
+    init_weights(model)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    start = time.monotonic()
+    # rank 1 stalls; rank 0's first collective times out after 5 s, it reports itself and exits non-zero,
+    # and torchrun stops the stuck rank: no silent hang.
+    result = torchrun("--weights", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "o.pt"),
+                      "--hang_rank", "1", "--timeout_s", "5", timeout=120)  # fmt: skip
+    assert result.returncode != 0
+    assert "ftcore: rank 0/2" in result.stderr
+    assert time.monotonic() - start < 90
+    assert not (tmp_path / "o.pt").exists()
+
+
 @pytest.mark.parametrize("name,value", [("RANK", "x"), ("WORLD_SIZE", "")])
 def test_bad_torchrun_environment_is_a_clear_error(monkeypatch, name, value):
     monkeypatch.setenv("RANK", "0")
