@@ -161,3 +161,13 @@ def test_resume_past_the_middle_of_an_epoch_continues_that_epoch(tmp_path):
     actual = trained_weights(tmp_path / "resumed" / "step_000012")
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
+
+
+@pytest.mark.parametrize(
+    "override", ["max_steps=0", "gradient_accumulation_steps=0", "save_every_n_steps=-1"]
+)
+def test_schedule_keys_are_checked_before_anything_is_built(tmp_path, override):
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=f"config key `{key}` must be >= 1"):
+        run("full_finetune", demo_config("demo/reverse_full", tmp_path, override))
+    assert not (tmp_path / "data").exists(), "the dataset was generated before the bad key was reported"

@@ -33,6 +33,21 @@ class LoopSettings:
     save_every_n_steps: int | None = None
     early_stopping_patience: int | None = None
 
+    def __post_init__(self) -> None:
+        """Config errors before any heavy work: counts are positive; `null` disables an optional one."""
+        for key in ("epochs", "gradient_accumulation_steps", "log_every_n_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"config key `{key}` must be >= 1, got {getattr(self, key)}")
+        for key in ("max_steps", "eval_every_n_steps", "save_every_n_steps", "early_stopping_patience"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"config key `{key}` must be >= 1 or null (off), got {value}")
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        """Optimizer steps the run takes: whole accumulated steps per epoch, times epochs, capped by max_steps."""
+        steps = batches_per_epoch // self.gradient_accumulation_steps * self.epochs
+        return min(steps, self.max_steps) if self.max_steps is not None else steps
+
 
 def _all_reduce_sum(value: float, device: torch.device) -> float:
     if not (dist.is_available() and dist.is_initialized()):
@@ -78,8 +93,7 @@ class TrainLoop:
 
     @property
     def total_steps(self) -> int:
-        steps = len(self.loader) // self.settings.gradient_accumulation_steps * self.settings.epochs
-        return min(steps, self.settings.max_steps) if self.settings.max_steps else steps
+        return self.settings.total_steps(len(self.loader))
 
     def state_dict(self) -> dict:
         return {"early_stopping": self.early_stopping.state_dict(), "stopped_early": self.stopped_early}

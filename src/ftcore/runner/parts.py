@@ -87,6 +87,7 @@ def build_logger(cfg: DictConfig, output_dir: Path, is_main: bool):
 
 def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], list]) -> RunParts:
     """Build the run. `select_trainable(model)` freezes what must stay frozen and returns the trainable parameters."""
+    settings = loop_settings(cfg)  # checks the schedule keys before anything is built
     env = join_process_group(cfg)  # None in a single process, which never touches torch.distributed
     sharded = env is not None
     rank, world_size = (env.rank, env.world_size) if sharded else (0, 1)
@@ -134,9 +135,7 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
         )
 
     optimizer = instantiate(cfg.optimizer, trainable)
-    settings = loop_settings(cfg)
-    steps = len(train_loader) // settings.gradient_accumulation_steps * settings.epochs
-    total_steps = min(steps, settings.max_steps) if settings.max_steps else steps
+    total_steps = settings.total_steps(len(train_loader))
     scheduler = None
     if cfg.get("lr_scheduler") is not None:
         scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
