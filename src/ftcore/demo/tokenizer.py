@@ -5,6 +5,7 @@ from __future__ import annotations
 import string
 
 from ftcore.data.messages import Message
+from ftcore.data.tokenizers.base import concat_messages
 
 _SPECIALS = ("<pad>", "<bos>", "<eos>")
 _ALPHABET = string.ascii_lowercase + string.digits + " :=+-.,?!\n"
@@ -42,12 +43,4 @@ class CharTokenizer:
 
         The demo format has no role headers, so a generation prompt adds nothing.
         """
-        tokens, mask = [self.bos_id], [True]
-        for message in messages:
-            ids = self.encode(message.content, add_bos=False, add_eos=False)
-            tokens += ids
-            mask += [message.masked] * len(ids)
-        if add_eos:
-            tokens.append(self.eos_id)
-            mask.append(messages[-1].masked if messages else True)
-        return tokens, mask
+        return concat_messages(self.encode, self.bos_id, self.eos_id, messages, add_eos)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -89,3 +90,32 @@ def check_ids(ids: Sequence[int], vocab_size: int, name: str) -> list[int]:
             f"[0, {vocab_size}); were these ids made by another tokenizer?"
         )
     return ids
+
+
+def concat_messages(
+    encode: Callable[..., list[int]], bos_id: int, eos_id: int, messages: Sequence[Message], add_eos: bool
+) -> tuple[list[int], list[bool]]:
+    """Chat without a template: BOS, then each message's content encoded on its own (so each starts a
+    new word), then EOS. mask[i] True = not trained: BOS, and every token of a `masked` message; the
+    EOS follows the last message."""
+    tokens, mask = [bos_id], [True]
+    for message in messages:
+        ids = encode(message.content, add_bos=False, add_eos=False)
+        tokens += ids
+        mask += [message.masked] * len(ids)
+    if add_eos:
+        tokens.append(eos_id)
+        mask.append(messages[-1].masked if messages else True)
+    return tokens, mask
+
+
+def parse_choice(value, choices: type[Enum], what: str):
+    """`value` as a member of the enum `choices` (a member passes through), or a ValueError that names
+    `what` and lists the choices."""
+    if isinstance(value, choices):
+        return value
+    try:
+        return choices(value)
+    except ValueError:
+        listed = ", ".join(repr(c.value) for c in choices)
+        raise ValueError(f"{what} {value!r} is not known; use one of {listed}") from None

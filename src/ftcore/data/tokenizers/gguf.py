@@ -9,6 +9,9 @@ score is merged, leftmost first, until no merge applies.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+
+from ftcore.data.tokenizers.base import concat_messages
 
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
 TOKEN_TYPE_UNKNOWN = 2
@@ -98,20 +101,14 @@ class GGUFTokenizer:
     def tokenize_messages(self, messages, add_eos: bool = True) -> tuple[list[int], list[bool]]:
         """BOS + each message's content encoded in turn (no chat template: this vocabulary has none).
         mask[i] True = token i is not trained on (the message's `masked`; BOS is masked)."""
-        tokens, mask = [self.bos_id], [True]
-        masked = True
-        for message in messages:
-            content, masked = (
-                _message_field(message, "content"),
-                bool(_message_field(message, "masked", False)),
+        # Messages may also be plain dicts (a generate config's `messages`), with `masked` optional.
+        plain = [
+            SimpleNamespace(
+                content=_message_field(m, "content"), masked=bool(_message_field(m, "masked", False))
             )
-            ids = self.encode(content, add_bos=False, add_eos=False)
-            tokens += ids
-            mask += [masked] * len(ids)
-        if add_eos:
-            tokens.append(self.eos_id)
-            mask.append(masked)
-        return tokens, mask
+            for m in messages
+        ]
+        return concat_messages(self.encode, self.bos_id, self.eos_id, plain, add_eos)
 
 
 def _message_field(message, name: str, default=None):

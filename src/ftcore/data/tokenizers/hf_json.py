@@ -33,7 +33,13 @@ from pathlib import Path
 import tiktoken
 
 from ftcore.data.messages import TOOL_ROLES, Message, validate_messages
-from ftcore.data.tokenizers.base import check_ids, check_max_seq_len, existing_file, truncate
+from ftcore.data.tokenizers.base import (
+    check_ids,
+    check_max_seq_len,
+    existing_file,
+    parse_choice,
+    truncate,
+)
 from ftcore.data.tokenizers.llama3 import split_for_tiktoken
 
 # GPT-2's pre-tokenizer regex, used by `ByteLevel(use_regex=true)`.
@@ -186,7 +192,7 @@ class HFTokenizer:
         default_system_prompt: str | None = QWEN2_5_DEFAULT_SYSTEM_PROMPT,
     ):
         self.path = existing_file(path, "Hugging Face tokenizer.json")
-        self.chat_format = _parse_chat_format(chat_format)
+        self.chat_format = parse_choice(chat_format, HFChatFormat, "chat_format")
         self.max_seq_len = check_max_seq_len(max_seq_len)
         self.default_system_prompt = default_system_prompt
         data = read_tokenizer_json(self.path)
@@ -346,15 +352,3 @@ def _contiguous_size(ids: list[int], path: Path) -> int:
             f"({len(ids)} tokens, {len(set(ids))} distinct ids); the file is damaged"
         )
     return size
-
-
-def _parse_chat_format(chat_format: str | HFChatFormat) -> HFChatFormat:
-    if isinstance(chat_format, HFChatFormat):
-        return chat_format
-    try:
-        return HFChatFormat(chat_format)
-    except ValueError:
-        choices = ", ".join(repr(f.value) for f in HFChatFormat)
-        raise ValueError(
-            f"chat_format {chat_format!r} is not known for HFTokenizer; use one of {choices}"
-        ) from None

@@ -29,7 +29,14 @@ from pathlib import Path
 import sentencepiece as spm
 
 from ftcore.data.messages import Message, validate_messages
-from ftcore.data.tokenizers.base import check_ids, check_max_seq_len, existing_file, truncate
+from ftcore.data.tokenizers.base import (
+    check_ids,
+    check_max_seq_len,
+    concat_messages,
+    existing_file,
+    parse_choice,
+    truncate,
+)
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -54,7 +61,7 @@ class SentencePieceTokenizer:
         self, path: str | Path, chat_format: str | ChatFormat = "llama2", max_seq_len: int | None = None
     ):
         self.path = existing_file(path, "SentencePiece tokenizer")
-        self.chat_format = _parse_chat_format(chat_format)
+        self.chat_format = parse_choice(chat_format, ChatFormat, "chat_format")
         self.max_seq_len = check_max_seq_len(max_seq_len)
         self._model = spm.SentencePieceProcessor()
         try:
@@ -97,24 +104,12 @@ class SentencePieceTokenizer:
         """
         validate_messages(messages)
         if self.chat_format is ChatFormat.NONE:
-            tokens, mask = self._tokenize_plain(messages, add_eos)
+            tokens, mask = concat_messages(self.encode, self.bos_id, self.eos_id, messages, add_eos)
         elif self.chat_format is ChatFormat.MISTRAL:
             tokens, mask = self._tokenize_mistral(messages, add_eos)
         else:
             tokens, mask = self._tokenize_llama2(messages, add_eos)
         return truncate(tokens, mask, self.max_seq_len)
-
-    def _tokenize_plain(self, messages: Sequence[Message], add_eos: bool) -> tuple[list[int], list[bool]]:
-        # Each content is encoded on its own, so each starts a new word (as if joined by spaces).
-        tokens, mask = [self.bos_id], [True]
-        for message in messages:
-            ids = self.encode(message.content, add_bos=False, add_eos=False)
-            tokens += ids
-            mask += [message.masked] * len(ids)
-        if add_eos:
-            tokens.append(self.eos_id)
-            mask.append(messages[-1].masked)
-        return tokens, mask
 
     def _tokenize_llama2(self, messages: Sequence[Message], add_eos: bool) -> tuple[list[int], list[bool]]:
         tokens: list[int] = []
@@ -157,16 +152,6 @@ class SentencePieceTokenizer:
             tokens += answer
             mask += [assistant.masked] * len(answer)
         return tokens, mask
-
-
-def _parse_chat_format(chat_format: str | ChatFormat) -> ChatFormat:
-    if isinstance(chat_format, ChatFormat):
-        return chat_format
-    try:
-        return ChatFormat(chat_format)
-    except ValueError:
-        choices = ", ".join(repr(f.value) for f in ChatFormat)
-        raise ValueError(f"chat_format {chat_format!r} is not known; use one of {choices}") from None
 
 
 def _fold_llama2_system(system: str, user: str) -> str:
