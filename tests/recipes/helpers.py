@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -44,3 +45,8 @@ def trained_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The trained tensors a checkpoint folder holds: the LoRA adapter, or the whole saved model."""
     adapter = folder / "trainable.safetensors"
     return load_file(str(adapter if adapter.is_file() else folder / "model" / "ftcore_model.safetensors"))
+
+
+def ftcore_run_command(*args: str) -> list[str]:
+    """`ftcore run ARGS...` as a user types it, with this test's Python."""
+    return [sys.executable, "-m", "ftcore.cli.main", "run", *args]

@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from ftcore.config import apply_overrides, load_config
-from tests.recipes.helpers import run
+from tests.recipes.helpers import ftcore_run_command, run
 
 TOL = 1e-5
 CONFIGS = {"full_finetune": "demo/reverse_full", "lora_finetune": "demo/reverse_lora"}
@@ -52,9 +51,9 @@ def _free_port() -> int:
 
 def run_two_processes(recipe: str, output_dir: Path, *extra: str, nproc: int = 2) -> str:
     """`ftcore run --nproc_per_node 2 RECIPE --config DEMO ...`, as a user types it; returns stderr."""
-    command = [sys.executable, "-m", "ftcore.cli.main", "run", "--nproc_per_node", str(nproc),
+    command = ftcore_run_command("--nproc_per_node", str(nproc),
                "--master_port", str(_free_port()), recipe, "--config", CONFIGS[recipe],
-               f"output_dir={output_dir}", *SMALL, "batch_size=4", *extra]  # fmt: skip
+               f"output_dir={output_dir}", *SMALL, "batch_size=4", *extra)  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -7,13 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from tests.recipes.helpers import trained_weights
+from tests.recipes.helpers import ftcore_run_command, trained_weights
 
 OVERRIDES = [
     "dataset.source.num_rows=512",
@@ -31,18 +30,14 @@ OVERRIDES = [
 
 
 def _ftcore_run(output_dir: Path, *extra: str) -> subprocess.Popen:
-    command = [
-        sys.executable,
-        "-m",
-        "ftcore.cli.main",
-        "run",
+    command = ftcore_run_command(
         "lora_finetune",
         "--config",
         "demo/reverse_lora",
         f"output_dir={output_dir}",
         *OVERRIDES,
         *extra,
-    ]
+    )
     return subprocess.Popen(
         command,
         stdout=subprocess.DEVNULL,

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import torch
 
 from ftcore.paths import PROJECT_ROOT
+from tests.recipes.helpers import ftcore_run_command
 
 SMALL = [
     "max_steps=30",
@@ -23,18 +23,14 @@ SMALL = [
 
 
 def _run(output_dir, *overrides):
-    command = [
-        sys.executable,
-        "-m",
-        "ftcore.cli.main",
-        "run",
+    command = ftcore_run_command(
         "lora_finetune",
         "--config",
         "stories/260K_lora",
         f"output_dir={output_dir}",
         *SMALL,
         *overrides,
-    ]
+    )
     done = subprocess.run(
         command,
         cwd=PROJECT_ROOT,
