@@ -35,6 +35,16 @@ def apply_compile(model: nn.Module) -> None:
         block.forward = torch.compile(block.forward)
 
 
+def speed_options(cfg) -> dict:
+    """The config keys that choose how a model runs (not what it computes), as `parallelize` keywords.
+
+    One place for the recipes and the sharded build to read them, so a new switch is one line here."""
+    return {
+        "activation_checkpointing": cfg.get("enable_activation_checkpointing", False),
+        "compile": cfg.get("compile", False),
+    }
+
+
 def parallelize(
     model: nn.Module,
     *,

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from ftcore.config import instantiate
-from ftcore.distributed.parallelize import parallelize
+from ftcore.distributed.parallelize import parallelize, speed_options
 from ftcore.runner.loop import LoopSettings
 from ftcore.runner.setup import build_loader, build_model, resolve_device, resolve_dtype, seed_everything
 from ftcore.runner.sharded import build_sharded_model, join_process_group, main_rank_first
@@ -128,11 +128,7 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
         model = build_model(cfg.model, device, dtype, checkpointer)
         _check_vocab(tokenizer, model)
         trainable = select_trainable(model)
-        parallelize(
-            model,
-            activation_checkpointing=cfg.get("enable_activation_checkpointing", False),
-            compile=cfg.get("compile", False),
-        )
+        parallelize(model, **speed_options(cfg))
 
     optimizer = instantiate(cfg.optimizer, trainable)
     total_steps = settings.total_steps(len(train_loader))

@@ -92,7 +92,7 @@ def build_sharded_model(
     Returns the model and its trainable parameters (the sharded ones, in `select_trainable`'s order).
     """
     from ftcore.distributed.fsdp import fsdp_mesh
-    from ftcore.distributed.parallelize import parallelize
+    from ftcore.distributed.parallelize import parallelize, speed_options
     from ftcore.models import init_weights
     from ftcore.runner.setup import build_model, default_dtype
 
@@ -107,8 +107,7 @@ def build_sharded_model(
     names = [ids[id(p)] for p in select_trainable(model)]
     parallelize(
         model,
-        activation_checkpointing=cfg.get("enable_activation_checkpointing", False),
-        compile=cfg.get("compile", False),
+        **speed_options(cfg),
         fsdp_mesh=fsdp_mesh(device.type),
         reshard_after_forward=options.reshard_after_forward,
         param_dtype=options.param_dtype,
