@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--generate", type=int, default=0, help="instead of training, decode this many tokens")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt length for --generate")
     p.add_argument("--out", type=Path, help="also write the result JSON here")
+    p.add_argument(
+        "--profile", type=Path, help="after the timed steps, profile one step; write its kernel table here"
+    )
     p.add_argument("--table", type=Path, help="print the side-by-side table of a JSONL of RESULTs and exit")
     args = p.parse_args(argv)
     for name in ("bs", "seq", "rank", "steps", "loss_chunk"):
@@ -242,22 +245,29 @@ def run_training(args: argparse.Namespace) -> dict:
     vocab = model.tok_embeddings.num_embeddings
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+    def train_step(tokens: torch.Tensor) -> torch.Tensor:
+        loss_sum, count = loss_fn(model, {"tokens": tokens, "labels": tokens})
+        loss = loss_sum / count
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
     step_times, loss = [], None
     warm_start = time.perf_counter()
     for i in range(args.warm + args.steps):
         tokens = torch.randint(0, min(TOKEN_ID_HIGH, vocab), (args.bs, args.seq), device=device)
         _sync(device)
         step_start = time.perf_counter()
-        loss_sum, count = loss_fn(model, {"tokens": tokens, "labels": tokens})
-        loss = loss_sum / count
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(tokens)
         _sync(device)
         if i == args.warm - 1:
             warmup_s = time.perf_counter() - warm_start
         if i >= args.warm:
             step_times.append(time.perf_counter() - step_start)
+    if args.profile:
+        _profile_one_step(args, lambda tokens: train_step(tokens), vocab, device)
     step_s = sorted(step_times)[len(step_times) // 2]  # the peer's median: the upper middle of an even count
     flops = model_flops_per_step(model, args.bs, args.seq)
     return dict(
@@ -280,6 +290,22 @@ def run_training(args: argparse.Namespace) -> dict:
         matmul_peak_tflops=round(peak_tflops, 3),
         mfu=round(flops / step_s / (peak_tflops * 1e12), 4),
         flops_note=FLOPS_NOTE,
+    )
+
+
+def _profile_one_step(args, train_step, vocab: int, device: torch.device) -> None:
+    """One more step under torch.profiler: the kernels that dominate it, by device time, to args.profile."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    tokens = torch.randint(0, min(TOKEN_ID_HIGH, vocab), (args.bs, args.seq), device=device)
+    with profile(activities=activities) as prof:
+        train_step(tokens)
+        _sync(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    args.profile.parent.mkdir(parents=True, exist_ok=True)
+    args.profile.write_text(
+        prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=70)
     )
 
 
