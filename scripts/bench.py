@@ -76,6 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--profile", type=Path, help="after the timed steps, profile one step; write its kernel table here"
     )
+    p.add_argument(
+        "--memory-cap-gib",
+        type=float,
+        help="fail (OOM) past this much GPU memory, e.g. 79 to stand for an 80 GB card on a larger one",
+    )
     p.add_argument("--table", type=Path, help="print the side-by-side table of a JSONL of RESULTs and exit")
     args = p.parse_args(argv)
     for name in ("bs", "seq", "rank", "steps", "loss_chunk"):
@@ -233,6 +238,9 @@ def run_training(args: argparse.Namespace) -> dict:
     from ftcore.runner.loss import LanguageModelLoss
 
     device = _resolve_device(args.device)
+    if args.memory_cap_gib and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
     peak_tflops = measure_matmul_peak_tflops(device)
     torch.manual_seed(0)
     start = time.time()
