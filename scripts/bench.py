@@ -65,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ac", action="store_true", help="activation checkpointing per transformer block")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (ftcore's parallelize)")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--n-layers", type=int, help="keep only the first N transformer blocks of the shape")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warm", type=int, default=3)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -103,8 +104,12 @@ def _builder(name: str, lora: bool):
     return getattr(ftcore.models, f"lora_{name}" if lora else name)
 
 
-def build_model(name: str, mode: str, rank: int, device: torch.device) -> nn.Module:
-    """Build on meta under bf16, materialize on `device`, random-init; QLoRA bases quantized on load."""
+def build_model(
+    name: str, mode: str, rank: int, device: torch.device, n_layers: int | None = None
+) -> nn.Module:
+    """Build on meta under bf16, materialize on `device`, random-init; QLoRA bases quantized on load.
+    `n_layers` keeps only the first blocks (same shapes, fewer of them): a cheap stand-in for measuring
+    how one block's working set grows with the sequence length."""
     import ftcore.models
 
     previous = torch.get_default_dtype()
@@ -121,6 +126,8 @@ def build_model(name: str, mode: str, rank: int, device: torch.device) -> nn.Mod
                     lora_alpha=2 * rank,
                     quantize_base=mode == "qlora",
                 )
+            if n_layers is not None:
+                model.layers = model.layers[:n_layers]
         model.to_empty(device=device)
         with torch.no_grad():
             ftcore.models.init_weights(model)
@@ -244,7 +251,7 @@ def run_training(args: argparse.Namespace) -> dict:
     peak_tflops = measure_matmul_peak_tflops(device)
     torch.manual_seed(0)
     start = time.time()
-    model = build_model(args.model, args.mode, args.rank, device)
+    model = build_model(args.model, args.mode, args.rank, device, args.n_layers)
     parallelize(model, activation_checkpointing=args.ac, compile=args.compile)
     build_s = time.time() - start
     loss_fn = LanguageModelLoss(chunk_size=args.loss_chunk)
@@ -286,6 +293,7 @@ def run_training(args: argparse.Namespace) -> dict:
         seq=args.seq,
         ac=args.ac,
         compile=args.compile,
+        n_layers=len(model.layers),
         trainable_params=sum(p.numel() for p in params),
         build_s=round(build_s, 1),
         warmup_s=round(warmup_s, 1) if args.warm else 0.0,
