@@ -3,10 +3,11 @@
 # then a side-by-side markdown table with ratios (ftcore / torchtune).
 #
 # Usage: scripts/bench_vs_peer.sh [--model M] [--bs B] [--seq S] [--no-ac] [--no-table] [RUN ...]
-#   RUN = SYSTEM:MODE:COMPILE[:MIN_S[:CAP_S]]
+#   RUN = SYSTEM:MODE:COMPILE[:MIN_S[:CAP_S[:FLAGS]]]
 #         SYSTEM ftcore|peer, MODE full|lora|qlora, COMPILE eager|compile,
 #         MIN_S: skip the run when fewer seconds than this remain before $BENCH_DEADLINE,
-#         CAP_S: kill it after this many seconds (also never past $BENCH_DEADLINE).
+#         CAP_S: kill it after this many seconds (also never past $BENCH_DEADLINE),
+#         FLAGS: more scripts/bench.py flags for this ftcore run, comma-separated (e.g. --fused,--offload).
 #   Default runs: LoRA and QLoRA, eager and compiled, for both systems (8 runs).
 # Environment: OUT (results go to $OUT/bench_results.jsonl and $OUT/bench_table.md; default ./bench_out),
 #   BENCH_RESULTS (the JSONL to append to), BENCH_DEADLINE (epoch seconds; default: none),
@@ -63,10 +64,10 @@ ensure_ftcore_deps() {
 
 # run_one SYSTEM MODE COMPILE MIN_S CAP_S: one benchmark process; its RESULT line is appended to $RESULTS.
 run_one() {
-  local system=$1 mode=$2 compile=$3 min_s=$4 cap_s=$5 args=(--model "$MODEL" --mode "$mode" --bs "$BS" --seq "$SEQ")
+  local system=$1 mode=$2 compile=$3 min_s=$4 cap_s=$5 flags=${6:-} args=(--model "$MODEL" --mode "$mode" --bs "$BS" --seq "$SEQ")
   ((AC)) && args+=(--ac)
   [[ $compile == compile ]] && args+=(--compile)
-  local name="$system $MODEL $mode ${BS}x$SEQ ac=$AC $compile"
+  local name="$system $MODEL $mode ${BS}x$SEQ ac=$AC $compile${flags:+ ${flags//,/ }}"
   if ((DEADLINE)); then
     local left=$((DEADLINE - $(date +%s)))
     if ((left < min_s)); then
@@ -87,7 +88,7 @@ run_one() {
     cmd=(env "PYTHONPATH=$PEER_SITE" python3 .peer/torchtune_step_bench.py "${args[@]}")
   else
     # shellcheck disable=SC2206  # BENCH_EXTRA_ARGS is split on purpose
-    cmd=(env "PYTHONPATH=$PWD/src:$FTCORE_SITE" python3 scripts/bench.py "${args[@]}" ${BENCH_EXTRA_ARGS:-})
+    cmd=(env "PYTHONPATH=$PWD/src:$FTCORE_SITE" python3 scripts/bench.py "${args[@]}" ${flags//,/ } ${BENCH_EXTRA_ARGS:-})
   fi
   echo "[$(stamp)] START $name (cap ${cap_s}s): ${cmd[*]}"
   local start=$SECONDS log
@@ -108,12 +109,16 @@ run_one() {
 }
 
 for run in "${RUNS[@]}"; do
-  IFS=: read -r system mode compile min_s cap_s <<<"$run"
+  IFS=: read -r system mode compile min_s cap_s flags <<<"$run"
   if [[ ! $system =~ ^(ftcore|peer)$ || ! $mode =~ ^(full|lora|qlora)$ || ! $compile =~ ^(eager|compile)$ ]]; then
     echo "bench_vs_peer.sh: bad run '$run'; expected SYSTEM:MODE:COMPILE[:MIN_S[:CAP_S]] (see --help)" >&2
     exit 2
   fi
-  run_one "$system" "$mode" "$compile" "${min_s:-0}" "${cap_s:-600}"
+  if [[ -n ${flags:-} && $system != ftcore ]]; then
+    echo "bench_vs_peer.sh: FLAGS are for ftcore runs only, got '$run'" >&2
+    exit 2
+  fi
+  run_one "$system" "$mode" "$compile" "${min_s:-0}" "${cap_s:-600}" "${flags:-}"
 done
 if ((TABLE)); then
   PYTHONPATH=$PWD/src:$FTCORE_SITE python3 scripts/bench.py --table "$RESULTS" | tee "$OUT_DIR/bench_table.md"
