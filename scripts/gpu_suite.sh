@@ -10,6 +10,7 @@
 #                   3B full fine-tune compiled.
 #   big             Llama-3.1-70B-shape QLoRA at bs 1 x 2048: ftcore eager, torchtune compiled.
 #   headline        no tests: 8B LoRA and QLoRA, compiled and eager, and 3B full, both systems.
+#   profile         no tests: one profiled step of 8B LoRA (eager, compiled), 8B QLoRA and 3B full.
 # Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
 # suite's deadline (SUITE_BUDGET_S, default 510 s); a failing step never stops the next one.
 # Writes into $OUT (default ./gpu_out): suite.log (everything printed), results.jsonl (one JSON
@@ -19,7 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
-[[ $PLAN =~ ^(all|rest|big|headline)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big or headline" >&2; exit 2; }
+[[ $PLAN =~ ^(all|rest|big|headline|profile)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline or profile" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -104,6 +105,16 @@ plan_headline() {
   vs_peer --model llama3_2_3b ftcore:full:compile:40:90 peer:full:compile:50:100 ftcore:full:eager:25:60
 }
 
+# Where a step's time goes: one profiled step each of 8B LoRA eager and compiled, 8B QLoRA eager and
+# 3B full eager (kernel tables by device time in $OUT/prof_*.txt).
+plan_profile() {
+  vs_peer ftcore:lora:eager:40:90:--profile,$OUT/prof_lora_eager.txt \
+    ftcore:lora:compile:60:150:--profile,$OUT/prof_lora_compile.txt \
+    ftcore:qlora:eager:40:100:--profile,$OUT/prof_qlora_eager.txt
+  vs_peer --model llama3_2_3b ftcore:full:eager:30:80:--profile,$OUT/prof_full3b_eager.txt
+  vs_peer peer:lora:compile:100:160
+}
+
 plan_big() {
   vs_peer --model llama3_1_70b --bs 1 ftcore:qlora:eager:120:280 peer:qlora:compile:200:330
 }
@@ -114,6 +125,7 @@ case $PLAN in
   rest) plan_rest ;;
   big) plan_big ;;
   headline) plan_headline ;;
+  profile) plan_profile ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"
