@@ -24,7 +24,7 @@ count includes (under 0.2% of an 8B LoRA step); tests/scripts/test_bench.py chec
 torch's FlopCounterMode.
 
 Usage:
-  python scripts/bench.py --mode lora --model llama3_1_8b --bs 2 --seq 2048 --ac [--compile] --out r.json
+  python scripts/bench.py --mode lora --model llama3_1_8b --bs 2 --seq 2048 --ac [--compile] [--fused]
   python scripts/bench.py --generate 128 --model llama3_2_1b          # decode speed, batch 1
   python scripts/bench.py --table results.jsonl                        # side-by-side markdown table
 Prints one line `RESULT {json}` (the peer's format) and writes the same JSON to --out.
@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 MODELS = ("llama3_1_8b", "llama3_1_70b", "llama3_2_3b", "llama3_2_1b", "tiny")
+OPTIMIZERS = ("adamw", "adamw8bit", "cpu_offload")  # --optimizer; adamw (fused) is the protocol's
 LORA_ATTN_MODULES = ["q_proj", "k_proj", "v_proj", "output_proj"]
 TOKEN_ID_HIGH = 128_000  # the protocol's token ids lie in [0, 128000)
 # A small Llama for CPU smoke tests: every in_dim divides by the NF4 block (64), so QLoRA builds too.
@@ -64,11 +65,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--ac", action="store_true", help="activation checkpointing per transformer block")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (ftcore's parallelize)")
+    p.add_argument("--fused", action="store_true", help="Triton RMSNorm/SwiGLU/RoPE kernels (fused_kernels)")
+    p.add_argument("--offload", action="store_true", help="with --ac: block inputs in pinned host memory")
+    p.add_argument("--mlp-chunk", type=int, help="MLP in checkpointed N-token chunks (mlp_chunk_tokens)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--n-layers", type=int, help="keep only the first N transformer blocks of the shape")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warm", type=int, default=3)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS), help="default: fused AdamW")
+    p.add_argument("--optimizer-in-backward", action="store_true", help="step each param in the backward")
     p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the cross-entropy")
     p.add_argument("--device", default="cuda")
     p.add_argument("--generate", type=int, default=0, help="instead of training, decode this many tokens")
@@ -240,6 +246,19 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
+def build_optimizer(params: list, lr: float, name: str, in_backward: bool) -> torch.optim.Optimizer:
+    """Fused AdamW (the protocol's), torchao's 8-bit AdamW or its CPU-offload AdamW; with `in_backward`
+    one per parameter, stepped in the backward (ftcore's `optimizer_in_backward`)."""
+    from ftcore.training import OptimizerInBackward, adamw_8bit, cpu_offload_adamw
+
+    make = {
+        "adamw": lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True),
+        "adamw8bit": lambda ps: adamw_8bit(ps, lr=lr),
+        "cpu_offload": lambda ps: cpu_offload_adamw(ps, lr=lr),
+    }[name]
+    return OptimizerInBackward(params, make) if in_backward else make(params)
+
+
 def run_training(args: argparse.Namespace) -> dict:
     from ftcore.distributed.parallelize import parallelize
     from ftcore.runner.loss import LanguageModelLoss
@@ -252,11 +271,18 @@ def run_training(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     start = time.time()
     model = build_model(args.model, args.mode, args.rank, device, args.n_layers)
-    parallelize(model, activation_checkpointing=args.ac, compile=args.compile)
+    parallelize(
+        model,
+        activation_checkpointing=args.ac,
+        compile=args.compile,
+        fused_kernels=args.fused,
+        activation_offloading=args.offload,
+        mlp_chunk_tokens=args.mlp_chunk,
+    )
     build_s = time.time() - start
     loss_fn = LanguageModelLoss(chunk_size=args.loss_chunk)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, fused=True)
+    optimizer = build_optimizer(params, args.lr, args.optimizer, args.optimizer_in_backward)
     vocab = model.tok_embeddings.num_embeddings
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -293,7 +319,12 @@ def run_training(args: argparse.Namespace) -> dict:
         seq=args.seq,
         ac=args.ac,
         compile=args.compile,
+        fused=args.fused,
+        offload=args.offload,
+        mlp_chunk=args.mlp_chunk,
         n_layers=len(model.layers),
+        optimizer=args.optimizer,
+        optimizer_in_backward=args.optimizer_in_backward,
         trainable_params=sum(p.numel() for p in params),
         build_s=round(build_s, 1),
         warmup_s=round(warmup_s, 1) if args.warm else 0.0,
@@ -413,7 +444,7 @@ def render_table(results_jsonl: Path) -> str:
     for r in ours:
         eager, compiled = (peer.get(_config_key(r), {}).get(flag, {}) for flag in (False, True))
         rows.append(
-            f"| {r['model']} | {r['mode']} | {r['bs']} x {r['seq']} | {_yes(r['ac'])} | {_yes(r['compile'])} "
+            f"| {r['model']} | {r['mode']} | {r['bs']} x {r['seq']} | {_yes(r['ac'])} | {_yes(r['compile'])}{' +fused' if r.get('fused') else ''} "
             f"| {_fmt(r['tokens_per_s'])} | {_fmt(r['peak_alloc_gib'], 2)} | {_fmt(r.get('mfu'), 3)} "
             f"| {_fmt(eager.get('tokens_per_s'))} | {_fmt(compiled.get('tokens_per_s'))} "
             f"| {_fmt(compiled.get('peak_alloc_gib'), 2)} | {_ratio(r['tokens_per_s'], compiled.get('tokens_per_s'))} "
@@ -446,12 +477,26 @@ def _system_name() -> str:
         return "ftcore-src"
 
 
+def _optimizer_note(r: dict) -> str:
+    """' optimizer=NAME' when not the default fused AdamW, ' in-backward' when stepped in the backward."""
+    name = r.get("optimizer", "adamw")
+    in_backward = " in-backward" if r.get("optimizer_in_backward") else ""
+    return (f" optimizer={name}" if name != "adamw" else "") + in_backward
+
+
+def _memory_note(r: dict) -> str:
+    """' offload' and ' mlp_chunk=N' when those memory switches were on."""
+    chunk = f" mlp_chunk={r['mlp_chunk']}" if r.get("mlp_chunk") else ""
+    return (" offload" if r.get("offload") else "") + chunk
+
+
 def _summary(r: dict) -> str:
     memory = "" if r["peak_alloc_gib"] is None else f", peak {r['peak_alloc_gib']} GiB allocated"
     if r.get("kind") == "generate":
         return f"{r['system']} {r['model']} generate bs 1: {r['decode_tokens_per_s']:,} tokens/s decoding{memory}"
     return (
-        f"{r['system']} {r['model']} {r['mode']} bs {r['bs']} x {r['seq']} ac={r['ac']} compile={r['compile']}: "
+        f"{r['system']} {r['model']} {r['mode']} bs {r['bs']} x {r['seq']} ac={r['ac']} compile={r['compile']}"
+        f"{' fused' if r.get('fused') else ''}{_optimizer_note(r)}{_memory_note(r)}: "
         f"{r['tokens_per_s']:,} tokens/s{memory}, MFU {r['mfu']:.3f} of a measured "
         f"{r['matmul_peak_tflops']:,} TFLOP/s; warm-up (incl. compile) {r['warmup_s']} s"
     )

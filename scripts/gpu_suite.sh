@@ -11,6 +11,7 @@
 #   big             Llama-3.1-70B-shape QLoRA at bs 1 x 2048: ftcore eager, torchtune compiled.
 #   headline        no tests: 8B LoRA and QLoRA, compiled and eager, and 3B full, both systems.
 #   profile         no tests: one profiled step of 8B LoRA (eager, compiled), 8B QLoRA and 3B full.
+#   switches        GPU tests, NF4 benchmark, each speed/memory switch's effect, 8B QLoRA long context.
 # Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
 # suite's deadline (SUITE_BUDGET_S, default 510 s); a failing step never stops the next one.
 # Writes into $OUT (default ./gpu_out): suite.log (everything printed), results.jsonl (one JSON
@@ -20,7 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
-[[ $PLAN =~ ^(all|rest|big|headline|profile)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline or profile" >&2; exit 2; }
+[[ $PLAN =~ ^(all|rest|big|headline|profile|switches)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile or switches" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -115,6 +116,23 @@ plan_profile() {
   vs_peer peer:lora:compile:100:160
 }
 
+# The speed and memory switches: GPU tests, the NF4 benchmark, then each switch's effect (eager fused
+# 8B LoRA/QLoRA, optimizer in backward on 3B full, compiled + fused), and 8B QLoRA long context with
+# offloading + chunked MLP: 64K with all 32 blocks and with 4, then >= 342K with 4 blocks (one block's
+# working set does not depend on the depth once the block inputs are offloaded; docs/performance.md).
+plan_switches() {
+  step "pytest -m gpu" 60 200 "${PY[@]}" -m pytest -m gpu -v -p no:cacheprovider --continue-on-collection-errors \
+    --durations=8 -rs tests/gpu
+  step "bench_nf4" 30 90 "${PY[@]}" scripts/bench_nf4.py --out "$OUT/bench_nf4.json"
+  vs_peer ftcore:lora:eager:30:80:--fused ftcore:qlora:eager:30:90:--fused,--profile,$OUT/prof_qlora_fused.txt
+  local long=--fused,--offload,--mlp-chunk,8192,--warm,1,--steps,1
+  vs_peer --bs 1 --seq 65536 ftcore:qlora:eager:60:120:$long,--memory-cap-gib,79 \
+    ftcore:qlora:eager:30:60:$long,--n-layers,4
+  vs_peer --bs 1 --seq 344064 ftcore:qlora:eager:70:150:--fused,--offload,--mlp-chunk,8192,--warm,0,--steps,1,--n-layers,4
+  vs_peer --model llama3_2_3b ftcore:full:eager:20:60:--fused,--optimizer-in-backward
+  vs_peer ftcore:lora:compile:45:90:--fused ftcore:lora:eager:25:60:--fused,--offload
+}
+
 plan_big() {
   vs_peer --model llama3_1_70b --bs 1 ftcore:qlora:eager:120:280 peer:qlora:compile:200:330
 }
@@ -126,6 +144,7 @@ case $PLAN in
   big) plan_big ;;
   headline) plan_headline ;;
   profile) plan_profile ;;
+  switches) plan_switches ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"

@@ -10,6 +10,7 @@ from torch import nn
 
 from ftcore.modules.lora import (
     LoRALinear,
+    _add_scaled_product,
     disable_adapters,
     get_adapter_params,
     get_merged_state_dict,
@@ -74,6 +75,25 @@ def test_forward_and_grads_match_peft(use_dora, bias):
             ours.magnitude.grad, layer.lora_magnitude_vector["default"].weight.grad, atol=1e-5, rtol=1e-4
         )
     assert ours.weight.grad is None  # the base stays frozen
+
+
+def test_scaled_adapter_add_matches_the_formula_in_float64():
+    # the layer takes the one-addmm path; the helper's plain fallback (a non-contiguous output) agrees
+    torch.manual_seed(0)
+    layer = LoRALinear(IN, OUT, RANK, ALPHA)
+    nn.init.normal_(layer.lora_b.weight)
+    x = torch.randn(3, 5, IN, requires_grad=True)
+    a, b = layer.lora_a.weight.double(), layer.lora_b.weight.double()
+    expected = x.double() @ layer.weight.double().T + (ALPHA / RANK) * (x.double() @ a.T @ b.T)
+    out = layer(x)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    x64 = x.detach().double().requires_grad_(True)
+    (x64 @ layer.weight.double().T + (ALPHA / RANK) * (x64 @ a.T @ b.T)).square().sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    base, hidden = torch.randn(OUT, 7).T, torch.randn(7, RANK)  # base (7, OUT) is a transposed view
+    fallback = _add_scaled_product(base, hidden, layer.lora_b.weight.detach(), 0.5)
+    torch.testing.assert_close(fallback, base + 0.5 * hidden @ layer.lora_b.weight.detach().T)
 
 
 def test_init_follows_the_paper():

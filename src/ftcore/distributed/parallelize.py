@@ -35,6 +35,15 @@ def apply_compile(model: nn.Module) -> None:
         block.forward = torch.compile(block.forward)
 
 
+def _check_offloading(activation_checkpointing: bool) -> None:
+    """Offloading moves the block inputs that activation checkpointing saves: it needs checkpointing."""
+    if not activation_checkpointing:
+        raise ValueError(
+            "enable_activation_offloading: true needs enable_activation_checkpointing: true (offloading "
+            "keeps the checkpointed block inputs in host memory); set both, or turn offloading off"
+        )
+
+
 def speed_options(cfg) -> dict:
     """The config keys that choose how a model runs (not what it computes), as `parallelize` keywords.
 
@@ -42,6 +51,9 @@ def speed_options(cfg) -> dict:
     return {
         "activation_checkpointing": cfg.get("enable_activation_checkpointing", False),
         "compile": cfg.get("compile", False),
+        "fused_kernels": cfg.get("fused_kernels", False),
+        "activation_offloading": cfg.get("enable_activation_offloading", False),
+        "mlp_chunk_tokens": cfg.get("mlp_chunk_tokens", None),
     }
 
 
@@ -50,17 +62,40 @@ def parallelize(
     *,
     activation_checkpointing: bool = False,
     compile: bool = False,
+    fused_kernels: bool = False,
+    activation_offloading: bool = False,
+    mlp_chunk_tokens: int | None = None,
     fsdp_mesh=None,
     reshard_after_forward: bool = True,
     param_dtype=None,
     reduce_dtype=None,
     cpu_offload: bool = False,
 ) -> nn.Module:
-    """Checkpoint, compile, then (when `fsdp_mesh` is given) shard every block and the root with FSDP2."""
-    if activation_checkpointing:
+    """Fuse, checkpoint, compile, then (when `fsdp_mesh` is given) shard every block and the root with FSDP2.
+
+    `fused_kernels` first swaps in the Triton RMSNorm / SwiGLU / RoPE forwards (ftcore.modules.fused), so
+    that checkpointing recomputes and compile traces the fused ops. `mlp_chunk_tokens` runs every MLP in
+    checkpointed chunks of tokens (ftcore.training.chunked_mlp); `activation_offloading` checkpoints each
+    block with its saved input in host memory (ftcore.training.activation_offload), wrapped around the
+    compiled block when compiling."""
+    if activation_offloading:
+        _check_offloading(activation_checkpointing)
+    if fused_kernels:
+        from ftcore.modules.fused import apply_fused_kernels
+
+        apply_fused_kernels(model)
+    if mlp_chunk_tokens is not None:  # inside each block: nested in its checkpoint, traced by compile
+        from ftcore.training.chunked_mlp import apply_mlp_chunking
+
+        apply_mlp_chunking(model, mlp_chunk_tokens)
+    if activation_checkpointing and not activation_offloading:
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model)
+    if activation_offloading:  # after compile: the compiled graph is the block, the host copies stay eager
+        from ftcore.training.activation_offload import apply_activation_offloading
+
+        apply_activation_offloading(model)
     if fsdp_mesh is not None:
         from ftcore.distributed.fsdp import shard_model
 

@@ -122,13 +122,14 @@ class LoRALinear(nn.Module):
         """x (..., in) -> (..., out)."""
         out = self._base_forward(x)
         if not (self.merged or self.disabled):
-            lora_out = self.scaling * self.lora_b(self.lora_a(self.dropout(x)))
+            hidden = self.lora_a(self.dropout(x))  # (..., rank)
             if self.use_dora:
+                lora_out = self.scaling * self.lora_b(hidden)
                 # m / ||W0 + s B A||_row with the norm detached (DoRA paper, section 4.3).
                 weight_norm = self._adapted_weight().norm(p=2, dim=1).detach()
                 out = (self.magnitude / weight_norm).to(out.dtype) * (out + lora_out)
             else:
-                out = out + lora_out
+                out = _add_scaled_product(out, hidden, self.lora_b.weight, self.scaling)
         if self.bias is not None:
             out = out + self.bias
         return out
@@ -173,6 +174,16 @@ class LoRALinear(nn.Module):
             f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, alpha={self.alpha}, "
             f"quantize_base={self.quantize_base}, use_dora={self.use_dora}"
         )
+
+
+def _add_scaled_product(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, scale: float):
+    """out + scale * hidden @ weight^T as one addmm: the scale and the sum run in the GEMM's epilogue,
+    not as two extra passes over the (tokens, out) output forward and one backward. The plain formula
+    when dtypes differ (adapters kept in float32 on a bf16 base) or `out` is not contiguous."""
+    if not (out.dtype == hidden.dtype == weight.dtype and out.is_contiguous()):
+        return out + scale * F.linear(hidden, weight)
+    out_2d, hidden_2d = out.reshape(-1, out.shape[-1]), hidden.reshape(-1, hidden.shape[-1])  # (tokens, *)
+    return torch.addmm(out_2d, hidden_2d, weight.t(), alpha=scale).view(out.shape)
 
 
 def _flatten_nf4_keys(module, state_dict, prefix, local_metadata) -> None:

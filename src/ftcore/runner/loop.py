@@ -137,7 +137,7 @@ class TrainLoop:
         # Each rank's loss is its share of the global mean; their sum is the global mean.
         loss = _all_reduce_sum(step.loss, self.device)
         check_finite(loss, p.step + 1)
-        grad_norm = _clip(self._trainable, s.clip_grad_norm)
+        grad_norm = self._grad_norm()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -146,6 +146,17 @@ class TrainLoop:
         p.step += 1
         p.batches_in_epoch += s.gradient_accumulation_steps
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "num_tokens": local_tokens, "epoch": p.epoch}
+
+    def _grad_norm(self) -> float:
+        """The global gradient norm before clipping (gradients are clipped to `clip_grad_norm` when set).
+
+        An optimizer that consumes gradients inside the backward (optimizer_in_backward, which has
+        already stepped and freed them; CPU offload) measured the norm as they arrived; clipping is
+        refused for those when they are built, and their `step()` does what is left (or nothing).
+        """
+        if hasattr(self.optimizer, "take_grad_norm"):
+            return self.optimizer.take_grad_norm()
+        return _clip(self._trainable, self.settings.clip_grad_norm)
 
     def _after_step(self, metrics: dict) -> None:
         s, step = self.settings, self.progress.step

@@ -20,6 +20,7 @@ from ftcore.distributed.parallelize import parallelize, speed_options
 from ftcore.runner.loop import LoopSettings
 from ftcore.runner.setup import build_loader, build_model, resolve_device, resolve_dtype, seed_everything
 from ftcore.runner.sharded import build_sharded_model, join_process_group, main_rank_first
+from ftcore.training.optim_in_backward import OptimizerInBackward, check_optimizer_in_backward
 
 log = logging.getLogger("ftcore")
 
@@ -90,6 +91,8 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
     settings = loop_settings(cfg)  # checks the schedule keys before anything is built
     env = join_process_group(cfg)  # None in a single process, which never touches torch.distributed
     sharded = env is not None
+    if cfg.get("optimizer_in_backward", False):  # refused combinations fail before the model is built
+        check_optimizer_in_backward(settings.gradient_accumulation_steps, settings.clip_grad_norm, sharded)
     rank, world_size = (env.rank, env.world_size) if sharded else (0, 1)
     device = env.device if sharded else resolve_device(cfg.get("device", "auto"))
     dtype = resolve_dtype(cfg.get("dtype", "bf16"), device)
@@ -130,7 +133,7 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
         trainable = select_trainable(model)
         parallelize(model, **speed_options(cfg))
 
-    optimizer = instantiate(cfg.optimizer, trainable)
+    optimizer = _build_optimizer(cfg, trainable, settings, sharded)
     total_steps = settings.total_steps(len(train_loader))
     scheduler = None
     if cfg.get("lr_scheduler") is not None:
@@ -157,6 +160,17 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
         loss_fn,
         settings,
     )
+
+
+def _build_optimizer(cfg: DictConfig, trainable: list, settings: LoopSettings, sharded: bool):
+    """The config's optimizer over the trainable parameters; with `optimizer_in_backward`, one per
+    parameter, stepped in the backward (ftcore.training.optim_in_backward)."""
+    if cfg.get("optimizer_in_backward", False):
+        return OptimizerInBackward(trainable, lambda params: instantiate(cfg.optimizer, params))
+    optimizer = instantiate(cfg.optimizer, trainable)
+    if hasattr(optimizer, "check_loop_settings"):  # e.g. CPU offload: it sees each gradient in the backward
+        optimizer.check_loop_settings(settings.gradient_accumulation_steps, settings.clip_grad_norm, sharded)
+    return optimizer
 
 
 def _check_vocab(tokenizer, model) -> None:

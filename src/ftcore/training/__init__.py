@@ -20,7 +20,8 @@ from ftcore.training.loggers import (
     WandBLogger,
     build_metric_logger,
 )
-from ftcore.training.optim import adamw, adamw_8bit, clip_grad_norm_, sgd
+from ftcore.training.optim import adamw, adamw_8bit, clip_grad_norm_, cpu_offload_adamw, sgd
+from ftcore.training.optim_in_backward import OptimizerInBackward
 from ftcore.training.peft_export import save_peft_adapter
 from ftcore.training.plot import plot_loss_curve
 from ftcore.training.progress import ProgressBar, peak_memory_gib
@@ -33,6 +34,7 @@ __all__ = [
     "JSONLLogger",
     "MultiLogger",
     "NonFiniteLossError",
+    "OptimizerInBackward",
     "ProgressBar",
     "StdoutLogger",
     "TensorBoardLogger",
@@ -51,6 +53,7 @@ __all__ = [
     "constant_with_warmup",
     "cosine_with_warmup",
     "count_trained_tokens",
+    "cpu_offload_adamw",
     "explain_oom",
     "find_latest_checkpoint",
     "keep_last_n",

@@ -73,6 +73,33 @@ def adamw_8bit(
     )
 
 
+def cpu_offload_adamw(
+    params: Iterable,
+    lr: float = 1e-4,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    offload_gradients: bool = False,
+    minimal_size: int = 4096,
+) -> torch.optim.Optimizer:
+    """torchao's CPUOffloadOptimizer around torch AdamW: moments and the step on the CPU (see
+    `ftcore.training.cpu_offload`). One CUDA GPU; `offload_gradients=True` also frees each GPU gradient
+    once copied to the CPU; tensors under `minimal_size` elements stay on the GPU with a GPU AdamW."""
+    try:
+        from ftcore.training.cpu_offload import CPUOffloadAdamW
+    except ImportError as error:
+        raise ValueError("optimizer cpu_offload_adamw needs torchao: pip install torchao") from error
+    return CPUOffloadAdamW(
+        _as_list(params),
+        offload_gradients=offload_gradients,
+        minimal_size=minimal_size,
+        lr=lr,
+        betas=tuple(betas),
+        eps=eps,
+        weight_decay=weight_decay,
+    )
+
+
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
     """Scale gradients so their global L2 norm is at most max_norm; returns the norm before clipping.
 
