@@ -3,6 +3,13 @@ NF4 linear forward+backward (to the input) at 4096 tokens vs a bf16 nn.Linear an
 (eager and torch.compile'd), for Llama-3.1-8B and 70B layer shapes.
 
     python scripts/bench_nf4.py --out /tmp/nf4_bench.json [--tokens 4096] [--models 8B,70B] [--no-sweep]
+        [--fused-tokens 1,16,64,256,4096] [--no-fused]
+
+Also (JSON `fused_rows`, 8B shapes): the fused NF4 matmul (`nf4_matmul_triton`) against a bf16 F.linear and
+against dequantize + cuBLAS per token count M, forward, and forward + grad-input at the largest M; the
+`fused_vs_dequant` ratio per M is what `kernels.FUSED_NF4_MAX_TOKENS` is set from. And per shape (JSON
+`dequant_variants` in each row): the dequantize layout variants' GB/s as a fraction of the 2 GiB copy and
+of a copy of the shape's own size. A short summary table is printed last.
 
 Timing: CUDA events around each call, after an L2 flush and a GPU sleep that lets the host queue the call
 before the GPU reaches it, so `*_ms` is device time (host launch overhead hidden, as in a training step
@@ -23,10 +30,12 @@ import time
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from ftcore.kernels import nf4_triton
+from ftcore import kernels
+from ftcore.kernels import nf4_matmul_triton, nf4_triton
 from ftcore.modules.nf4 import nf4_linear, to_nf4
 
 # (out_features, in_features) per projection.
@@ -35,6 +44,21 @@ SHAPES = {
     "70B": {"q/o": (8192, 8192), "k/v": (1024, 8192), "gate/up": (28672, 8192), "down": (8192, 28672)},
 }
 SWEEP = [(e, w) for e in (2048, 4096, 8192, 16384) for w in (2, 4, 8)]  # (elements_per_program, num_warps)
+# The other dequantize layouts: (elements_per_program, num_warps, programs_per_sm); "tile" is SWEEP above.
+VARIANT_SWEEP = {
+    "words": [(e, w, 4) for e in (2048, 4096, 8192, 16384) for w in (4, 8)],
+    "persistent": [(e, w, p) for e in (1024, 2048, 4096) for w in (4, 8) for p in (2, 4, 8)],
+}
+MM = nf4_matmul_triton.MatmulConfig
+# Fused-matmul tilings tried per token count (split picked as the kernel does), besides its own pick.
+FUSED_SWEEP = {  # none spills registers on sm_90 (ptxas); 128x128x128 and 64x128x128 do
+    16: [MM(16, 64, 64, 1, 4, 4), MM(16, 64, 128, 1, 4, 3), MM(16, 64, 256, 1, 4, 3), MM(16, 128, 128, 1, 4, 3),
+         MM(16, 128, 64, 1, 4, 4), MM(16, 64, 128, 1, 8, 4)],
+    64: [MM(32, 64, 64, 1, 4, 4), MM(32, 64, 128, 1, 4, 4), MM(32, 128, 64, 1, 4, 4), MM(64, 64, 64, 1, 4, 3),
+         MM(64, 128, 64, 1, 4, 4)],
+    256: [MM(64, 64, 64, 1, 4, 4), MM(64, 128, 64, 1, 4, 4), MM(128, 64, 64, 1, 8, 3), MM(128, 128, 64, 1, 8, 3)],
+    2**31: [MM(128, 128, 64, 1, 8, 4), MM(128, 128, 64, 1, 8, 2), MM(128, 64, 64, 1, 8, 3), MM(64, 128, 64, 1, 4, 4)],
+}  # fmt: skip
 _L2_FLUSH = None
 _SLEEP_CYCLES_PER_MS = None
 
@@ -195,11 +219,161 @@ def dequant_row(parts, buffer: torch.Tensor, bandwidth: float, sweep: bool) -> d
     return row  # fmt: skip
 
 
+def dequant_variant_row(parts, buffer: torch.Tensor, bandwidth: float) -> dict:
+    """Each layout variant's best config: GB/s, fraction of the 2 GiB copy and of a same-size copy."""
+    moved = sum(
+        t.numel() * t.element_size() for t in (parts.packed, parts.absmax, parts.nested_absmax, buffer)
+    )
+    other = torch.empty_like(buffer)
+    copy_gbps = (
+        2 * buffer.numel() * buffer.element_size() / device_ms(lambda: other.copy_(buffer), iters=50) / 1e6
+    )
+    result: dict = {"copy_same_size_GBps": copy_gbps}
+    for variant, configs in VARIANT_SWEEP.items():
+        timings = {
+            f"{e}x{w}x{p}": device_ms(
+                lambda e=e, w=w, p=p, v=variant: nf4_triton.dequantize_nf4(
+                    parts, out=buffer, elements_per_program=e, num_warps=w, variant=v, programs_per_sm=p
+                ),
+                iters=50,
+            )
+            for e, w, p in configs
+        }
+        best = min(timings, key=timings.get)
+        gbps = moved / timings[best] / 1e6
+        result[variant] = {"best_cfg": best, "ms": timings[best], "GBps": gbps, "frac_hbm": gbps / bandwidth,
+                           "frac_same_size_copy": gbps / copy_gbps, "sweep_ms": timings}  # fmt: skip
+    return result
+
+
+def forced(path: str, fn):
+    """fn run with the NF4 linear forced to one path ("fused" / "dequant"), backward included."""
+
+    def call():
+        previous, kernels.NF4_MATMUL_PATH = kernels.NF4_MATMUL_PATH, path
+        try:
+            return fn()
+        finally:
+            kernels.NF4_MATMUL_PATH = previous
+
+    return call
+
+
+def fused_sweep(parts, a: torch.Tensor, grad_input: bool) -> dict:
+    m, r = a.shape
+    j = parts.shape[1] if grad_input else parts.shape[0]
+    configs = next(cs for limit, cs in sorted(FUSED_SWEEP.items()) if m <= limit)
+    matmul = nf4_matmul_triton.nf4_matmul_grad_input if grad_input else nf4_matmul_triton.nf4_matmul
+    timings = {}
+    for cfg in configs:
+        cfg = nf4_matmul_triton.with_split(cfg, m, j, r, a.device)
+        timings[",".join(map(str, cfg))] = device_ms(lambda cfg=cfg: matmul(a, parts, config=cfg))
+    best = min(timings, key=timings.get)
+    return {"best_cfg": best, "best_ms": timings[best], "sweep_ms": timings}
+
+
+def fused_row(shape: tuple[int, int], m: int, train: bool, sweep: bool) -> dict:
+    """Forward (and with `train` forward + grad-input) at m tokens: bf16, dequantize + cuBLAS, fused."""
+    out_dim, in_dim = shape
+    w = (torch.randn(shape, device="cuda") * 0.02).bfloat16()
+    parts = to_nf4(w)
+    x = torch.randn(m, in_dim, device="cuda", dtype=torch.bfloat16)
+    fused, dequant = (
+        forced("fused", lambda: nf4_linear(x, parts)),
+        forced("dequant", lambda: nf4_linear(x, parts)),
+    )
+    row = {"tokens": m, "fused_cfg": ",".join(map(str, nf4_matmul_triton.pick_config(m, out_dim, in_dim, x.device))),
+           "bf16_fwd_ms": device_ms(lambda: F.linear(x, w)), "dequant_fwd_ms": device_ms(dequant),
+           "fused_fwd_ms": device_ms(fused), "fused_max_abs_diff": (fused() - dequant()).abs().max().item()}  # fmt: skip
+    row["fused_vs_bf16"] = row["fused_fwd_ms"] / row["bf16_fwd_ms"]
+    row["fused_vs_dequant"] = row["fused_fwd_ms"] / row["dequant_fwd_ms"]
+    if sweep:
+        row["fused_sweep"] = fused_sweep(parts, x, grad_input=False)
+    if train:
+        leaf = x.clone().requires_grad_(True)
+        grad = torch.randn(m, out_dim, device="cuda", dtype=torch.bfloat16)
+        frozen = nn.Linear(in_dim, out_dim, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(
+            False
+        )
+        step = fwd_bwd(lambda t: nf4_linear(t, parts), leaf, grad)
+        row.update(bf16_fwd_bwd_ms=device_ms(fwd_bwd(frozen, leaf, grad)), dequant_fwd_bwd_ms=device_ms(forced("dequant", step)),
+                   fused_fwd_bwd_ms=device_ms(forced("fused", step)))  # fmt: skip
+        row["fused_fwd_bwd_vs_dequant"] = row["fused_fwd_bwd_ms"] / row["dequant_fwd_bwd_ms"]
+        if sweep:
+            row["fused_grad_input_sweep"] = fused_sweep(parts, grad, grad_input=True)
+    return row
+
+
+def fused_rows(tokens: list[int], sweep: bool, result: dict, out_path: str) -> None:
+    print("model | layer | tokens | bf16_fwd_ms | dequant_fwd_ms | fused_fwd_ms | fused_vs_bf16 | fused_vs_dequant | "
+          "fused_best_ms | fused_fwd_bwd_vs_dequant", flush=True)  # fmt: skip
+    for name, shape in SHAPES["8B"].items():
+        for m in tokens:
+            row = {"model": "8B", "layer": name, "shape": list(shape), "tokens": m}
+            try:
+                row.update(fused_row(shape, m, train=m == max(tokens), sweep=sweep))
+            except Exception as error:  # recorded in the JSON; the other token counts still run
+                print(f"8B {name} tokens={m}: fused row failed: {error!r}", flush=True)
+                result["fused_rows"].append({**row, "error": repr(error)})
+                continue
+            best = row.get("fused_sweep", {}).get("best_ms", "-")
+            cells = [row["model"], name, m] + [row[k] for k in ("bf16_fwd_ms", "dequant_fwd_ms", "fused_fwd_ms",
+                     "fused_vs_bf16", "fused_vs_dequant")] + [best, row.get("fused_fwd_bwd_vs_dequant", "-")]  # fmt: skip
+            print(" | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in cells), flush=True)
+            result["fused_rows"].append(row)
+            with open(out_path, "w") as f:
+                json.dump(result, f, indent=1)
+            torch.cuda.empty_cache()
+
+
+def print_summary(result: dict) -> None:
+    """The short table: fused vs the alternatives per M, then the best dequantize layout per shape."""
+    print("\nSUMMARY fused NF4 matmul (8B, bf16, device ms): layer | M | bf16 | dequant+cuBLAS | fused | "
+          "fused/dequant | fused fwd+grad_in / dequant | fused sweep", flush=True)  # fmt: skip
+    for row in result["fused_rows"]:
+        keys = (
+            "bf16_fwd_ms",
+            "dequant_fwd_ms",
+            "fused_fwd_ms",
+            "fused_vs_dequant",
+            "fused_fwd_bwd_vs_dequant",
+        )
+        best = row.get("fused_sweep", {})
+        cells = [row["layer"], row["tokens"], *(row.get(k, "-") for k in keys),
+                 f"sweep best {best.get('best_ms', '-')} ms at {best.get('best_cfg', '-')}", row.get("error", "")]  # fmt: skip
+        print(" | ".join(f"{c:.4f}" if isinstance(c, float) else str(c) for c in cells))
+    print(
+        "SUMMARY dequantize, fraction of 2 GiB copy (of same-size copy): model | layer | tile | words | persistent"
+    )
+    for row in result["rows"]:
+        variants = row.get("dequant_variants", {})
+        if "error" in variants:
+            print(row["model"], row["layer"], "variants failed:", variants["error"][:200])
+            continue
+        cells = [
+            row["model"],
+            row["layer"],
+            f"{row.get('dequant_best_frac_hbm', row['dequant_frac_hbm']):.2f}",
+        ]
+        for v in ("words", "persistent"):
+            d = variants.get(v)
+            cells.append(
+                f"{d['frac_hbm']:.2f} ({d['frac_same_size_copy']:.2f}) {d['best_cfg']}" if d else "-"
+            )
+        print(" | ".join(cells), flush=True)
+
+
 def bench_shape(shape: tuple[int, int], tokens: int, bandwidth: float, args) -> dict:
     out_dim, in_dim = shape
     w = (torch.randn(shape, device="cuda") * 0.02).bfloat16()
     parts = to_nf4(w)
-    row = dequant_row(parts, torch.empty(shape, dtype=torch.bfloat16, device="cuda"), bandwidth, args.sweep)
+    buffer = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+    row = dequant_row(parts, buffer, bandwidth, args.sweep)
+    if args.sweep:
+        try:  # a failing variant must not cost the established columns of this row
+            row["dequant_variants"] = dequant_variant_row(parts, buffer, bandwidth)
+        except Exception as error:
+            row["dequant_variants"] = {"error": repr(error)}
     x = torch.randn(tokens, in_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(tokens, out_dim, device="cuda", dtype=torch.bfloat16)
     frozen = nn.Linear(in_dim, out_dim, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
@@ -236,6 +410,10 @@ def main() -> None:
         "--no-sweep", dest="sweep", action="store_false", help="skip the dequant config sweep"
     )
     parser.add_argument("--no-torchao-compile", dest="torchao_compile", action="store_false")
+    parser.add_argument(
+        "--fused-tokens", default="1,16,64,256,4096", help="token counts for the fused matmul"
+    )
+    parser.add_argument("--no-fused", dest="fused", action="store_false", help="skip the fused-matmul rows")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_nf4.py needs a CUDA GPU")
@@ -250,6 +428,7 @@ def main() -> None:
         "hbm_GBps": bandwidth,
         "tokens": args.tokens,
         "rows": [],
+        "fused_rows": [],
     }
     for model in args.models.split(","):
         for name, shape in SHAPES[model].items():
@@ -260,6 +439,9 @@ def main() -> None:
             with open(args.out, "w") as f:  # rewritten per row: a timeout still leaves the rows so far
                 json.dump(result, f, indent=1)
             torch.cuda.empty_cache()
+    if args.fused:
+        fused_rows([int(t) for t in args.fused_tokens.split(",")], args.sweep, result, args.out)
+    print_summary(result)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,13 @@ as single nodes: it can neither fuse into them nor keep their dequantized W. An 
 traced through instead, leaving the partitioner free to keep its bf16 W (2 bytes per weight) for backward:
 8B QLoRA compiled per block peaked at 17.5 GiB that way, 8.1 GiB (the eager peak) with these operators.
 The autograd formula saves only the NF4 parts, which are the layer's own buffers: nothing new.
+Each operator either runs the fused Triton dequantize-in-matmul (`nf4_matmul_triton`, few tokens) or
+dequantizes into a temporary and calls cuBLAS (many tokens); `use_fused_nf4_matmul` is the one rule.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +21,22 @@ from ftcore.kernels import nf4_reference
 from ftcore.kernels.nf4_reference import NF4Parts
 
 try:  # Triton is optional on CPU-only installs; the reference covers every device.
-    from ftcore.kernels import nf4_triton
+    from ftcore.kernels import nf4_matmul_triton, nf4_triton
 except ImportError:  # pragma: no cover - depends on the install
-    nf4_triton = None
+    nf4_triton = nf4_matmul_triton = None
 
-__all__ = ["NF4Parts", "quantize_nf4", "dequantize_nf4", "nf4_linear", "use_triton"]
+# How the two NF4 linear operators compute: "auto" (the rule in `use_fused_nf4_matmul`), or forced to
+# "fused" (Triton dequantize-in-matmul) / "dequant" (dequantize + cuBLAS) for tests and benchmarks.
+# Read once from FTCORE_NF4_MATMUL; tests and scripts/bench_nf4.py set this attribute directly.
+NF4_MATMUL_PATH = os.environ.get("FTCORE_NF4_MATMUL", "auto")
+_NF4_MATMUL_PATHS = ("auto", "fused", "dequant")
+# "auto" fuses while a call has at most this many tokens (rows of x). The fused kernel reads W once as
+# NF4 (0.53 bytes per weight) where dequantize + cuBLAS moves ~4.5, so it wins while reading W bounds the
+# matmul (decode, small batches); at training sizes cuBLAS' GEMM wins. PROVISIONAL: set it from
+# scripts/bench_nf4.py on the target card (the `fused_vs_dequant` column per M; largest M still < 1).
+FUSED_NF4_MAX_TOKENS = 256
+
+__all__ = ["NF4Parts", "quantize_nf4", "dequantize_nf4", "nf4_linear", "use_triton", "use_fused_nf4_matmul"]
 
 
 def use_triton(device: torch.device) -> bool:
@@ -43,18 +58,38 @@ def dequantize_nf4(
     return weight if out is None else out.copy_(weight.view_as(out))
 
 
-def _dequantize_weight(
+def use_fused_nf4_matmul(tokens: int, parts: NF4Parts, dtype: torch.dtype, device: torch.device) -> bool:
+    """The NF4 linear's one dispatch rule: fused Triton kernel or dequantize + cuBLAS (see FUSED_NF4_MAX_TOKENS)."""
+    if NF4_MATMUL_PATH not in _NF4_MATMUL_PATHS:
+        raise ValueError(
+            f"FTCORE_NF4_MATMUL / kernels.NF4_MATMUL_PATH must be one of {_NF4_MATMUL_PATHS}; got {NF4_MATMUL_PATH!r}"
+        )
+    if NF4_MATMUL_PATH == "dequant":
+        return False
+    supported = nf4_matmul_triton is not None and nf4_matmul_triton.supports(parts, dtype)
+    if NF4_MATMUL_PATH == "fused":  # forced: on CUDA, or on CPU tensors under TRITON_INTERPRET=1
+        if not supported:
+            raise ValueError(
+                f"NF4_MATMUL_PATH='fused' cannot take weight {tuple(parts.shape)} (block {parts.block_size}) "
+                f"in {dtype}: the fused kernel needs Triton, a 2-D weight of whole blocks and bf16/fp16/fp32."
+            )
+        return True
+    # fp32 stays on cuBLAS: an IEEE fp32 dot has no tensor-core path in Triton and its tiles spill registers.
+    half = dtype in (torch.bfloat16, torch.float16)
+    return supported and half and use_triton(device) and 1 <= tokens <= FUSED_NF4_MAX_TOKENS
+
+
+def _weight_parts(
     packed: torch.Tensor,
     absmax: torch.Tensor,
     nested_absmax: torch.Tensor | None,
     offset: torch.Tensor | None,
     block_size: int,
     dtype: torch.dtype,
-) -> torch.Tensor:
-    """(out, in) weight in `dtype` from the operators' arguments; `packed` is (out, in / 2) bytes."""
+) -> NF4Parts:
+    """NF4Parts of the (out, in) weight from the operators' arguments; `packed` is (out, in / 2) bytes."""
     shape = torch.Size((packed.shape[0], packed.shape[1] * 2))
-    parts = NF4Parts(packed.reshape(-1), absmax.reshape(-1), nested_absmax, offset, shape, dtype, block_size)
-    return dequantize_nf4(parts, dtype)
+    return NF4Parts(packed.reshape(-1), absmax.reshape(-1), nested_absmax, offset, shape, dtype, block_size)
 
 
 @torch.library.custom_op("ftcore::nf4_linear", mutates_args=())
@@ -67,9 +102,12 @@ def _nf4_linear_op(
     bias: torch.Tensor | None,
     block_size: int,
 ) -> torch.Tensor:
-    """x (..., in) @ W^T + bias -> (..., out), W dequantized to x's dtype and freed on return."""
-    weight = _dequantize_weight(packed, absmax, nested_absmax, offset, block_size, x.dtype)
-    return F.linear(x, weight, bias)
+    """x (..., in) @ W^T + bias -> (..., out), W dequantized to x's dtype (in registers when fused)."""
+    parts = _weight_parts(packed, absmax, nested_absmax, offset, block_size, x.dtype)
+    if use_fused_nf4_matmul(x.numel() // x.shape[-1], parts, x.dtype, x.device):
+        y = nf4_matmul_triton.nf4_matmul(x.reshape(-1, x.shape[-1]), parts, bias)  # (tokens, out)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    return F.linear(x, dequantize_nf4(parts, x.dtype), bias)
 
 
 @_nf4_linear_op.register_fake
@@ -87,7 +125,11 @@ def _nf4_linear_grad_input_op(
     block_size: int,
 ) -> torch.Tensor:
     """grad_y (..., out) @ W (out, in) -> (..., in), W dequantized again (to grad_y's dtype), not saved."""
-    return grad_y @ _dequantize_weight(packed, absmax, nested_absmax, offset, block_size, grad_y.dtype)
+    parts = _weight_parts(packed, absmax, nested_absmax, offset, block_size, grad_y.dtype)
+    if use_fused_nf4_matmul(grad_y.numel() // grad_y.shape[-1], parts, grad_y.dtype, grad_y.device):
+        grad_x = nf4_matmul_triton.nf4_matmul_grad_input(grad_y.reshape(-1, grad_y.shape[-1]), parts)
+        return grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])  # (tokens, in) -> (..., in)
+    return grad_y @ dequantize_nf4(parts, grad_y.dtype)
 
 
 @_nf4_linear_grad_input_op.register_fake

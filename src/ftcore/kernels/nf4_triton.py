@@ -13,9 +13,10 @@ The second level of double quantization at quantize time (n / 64 absmax values, 
 reuses the reference's vectorised torch code on the same device: the 8-bit binary search is tiny work
 and sharing it keeps the two paths identical by construction.
 
-The NF4 linear (`ftcore.kernels.nf4_linear`) dequantizes the weight into a bf16 buffer with
-`dequantize_nf4` and lets cuBLAS do the matmul: at training shapes (thousands of tokens) the matmul
-dominates and the dequantize costs one read of 0.53 bytes and one write of 2 bytes per weight.
+The NF4 linear (`ftcore.kernels.nf4_linear`) at training shapes dequantizes the weight into a bf16 buffer
+with `dequantize_nf4` and lets cuBLAS do the matmul: with thousands of tokens the matmul dominates and the
+dequantize costs one read of 0.53 bytes and one write of 2 bytes per weight. With few tokens it runs the
+fused kernel of `nf4_matmul_triton` instead, which reads only the NF4 bytes.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ _QUANTIZE_BLOCKS_PER_PROGRAM = 16  # 64-weight blocks handled by one quantize pr
 # `scripts/bench_nf4.py` sweeps the alternatives on the GPU.
 DEQUANT_ELEMENTS_PER_PROGRAM = 8192
 DEQUANT_NUM_WARPS = 4
+# Kernel layout ("tile" here; "words"/"persistent" in nf4_dequant_variants): pick from bench_nf4's `dequant_variants`.
+DEQUANT_VARIANT = "tile"
 # The interpreter's float->bf16 cast truncates; there the kernel rounds on the bits instead (on the GPU
 # the native cast is one cvt.rn instruction, checked bit for bit by scripts/gpu_nf4_checks.py).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -176,16 +179,29 @@ def dequantize_nf4(
     *,
     elements_per_program: int = DEQUANT_ELEMENTS_PER_PROGRAM,
     num_warps: int = DEQUANT_NUM_WARPS,
+    variant: str = DEQUANT_VARIANT,
+    programs_per_sm: int = 4,
 ) -> torch.Tensor:
     """Triton twin of `nf4_reference.dequantize_nf4`: one kernel launch, optionally into a preallocated `out`.
 
-    `elements_per_program` (a power of two >= the block size) and `num_warps` only change speed, never values.
+    `elements_per_program` (a power of two >= the block size), `num_warps`, `variant` (a layout from
+    `nf4_dequant_variants.VARIANTS`) and `programs_per_sm` (persistent only) change speed, never values.
     """
     _check_power_of_two(parts.block_size)
     device = parts.packed.device
     out = _output_buffer(parts, dtype, out)
     out_format = 0 if out.dtype == torch.bfloat16 and _INTERPRETED else _OUT_FORMATS[out.dtype]
     pairs = out.view(-1).view(torch.int64 if out.dtype == torch.float32 else torch.int32)  # a word per byte
+    if variant != "tile":
+        from ftcore.kernels import nf4_dequant_variants as variants  # imports this module: no cycle at load
+
+        if variant not in variants.VARIANTS:
+            raise ValueError(f"dequantize_nf4 variant must be one of {variants.VARIANTS}; got {variant!r}")
+        variants.dequantize_words(
+            parts, pairs, device_tables(device), out_format, persistent=variant == "persistent",
+            elements_per_program=elements_per_program, num_warps=num_warps, programs_per_sm=programs_per_sm,
+        )  # fmt: skip
+        return out
     n_blocks = parts.packed.numel() * 2 // parts.block_size
     blocks_per_program = max(1, elements_per_program // parts.block_size)
     code, _, dynamic = device_tables(device)
