@@ -121,9 +121,9 @@ plan_profile() {
 # offloading + chunked MLP: 64K with all 32 blocks and with 4, then >= 342K with 4 blocks (one block's
 # working set does not depend on the depth once the block inputs are offloaded; docs/performance.md).
 plan_switches() {
-  step "pytest -m gpu" 60 200 "${PY[@]}" -m pytest -m gpu -v -p no:cacheprovider --continue-on-collection-errors \
+  step "pytest -m gpu" 60 150 "${PY[@]}" -m pytest -m gpu -v -p no:cacheprovider --continue-on-collection-errors \
     --durations=8 -rs tests/gpu
-  step "bench_nf4" 30 90 "${PY[@]}" scripts/bench_nf4.py --out "$OUT/bench_nf4.json"
+  step "bench_nf4" 30 100 "${PY[@]}" scripts/bench_nf4.py --out "$OUT/bench_nf4.json"
   vs_peer ftcore:lora:eager:30:80:--fused ftcore:qlora:eager:30:90:--fused,--profile,$OUT/prof_qlora_fused.txt
   local long=--fused,--offload,--mlp-chunk,8192,--warm,1,--steps,1
   vs_peer --bs 1 --seq 65536 ftcore:qlora:eager:60:120:$long,--memory-cap-gib,79 \
