@@ -266,7 +266,8 @@ def run_training(args: argparse.Namespace) -> dict:
     device = _resolve_device(args.device)
     if args.memory_cap_gib and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), index)
     peak_tflops = measure_matmul_peak_tflops(device)
     torch.manual_seed(0)
     start = time.time()

@@ -12,6 +12,7 @@
 #   headline        no tests: 8B LoRA and QLoRA, compiled and eager, and 3B full, both systems.
 #   profile         no tests: one profiled step of 8B LoRA (eager, compiled), 8B QLoRA and 3B full.
 #   switches        GPU tests, NF4 benchmark, each speed/memory switch's effect, 8B QLoRA long context.
+#   final           the side-by-side table with torchtune (compiled) and the long-context full-depth check.
 # Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
 # suite's deadline (SUITE_BUDGET_S, default 510 s); a failing step never stops the next one.
 # Writes into $OUT (default ./gpu_out): suite.log (everything printed), results.jsonl (one JSON
@@ -21,7 +22,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
-[[ $PLAN =~ ^(all|rest|big|headline|profile|switches)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile or switches" >&2; exit 2; }
+[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches or final" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -133,6 +134,20 @@ plan_switches() {
   vs_peer ftcore:lora:compile:45:90:--fused ftcore:lora:eager:25:60:--fused,--offload
 }
 
+# The side-by-side table of this session (2026-12-01, H200): torchtune compiled beside ftcore compiled,
+# ftcore eager with the fused kernels, and with offloading (memory); the long-context proxy checked at
+# full depth (64K, all 32 blocks); the GPU tests and NF4 rows changed since the switches run.
+plan_final() {
+  step "pytest -m gpu (changed)" 30 70 "${PY[@]}" -m pytest -m gpu -q -p no:cacheprovider -rs \
+    tests/gpu/test_nf4_matmul_cuda.py tests/gpu/test_activation_offload_cuda.py::test_offloading_and_chunking_lower_peak_memory_at_long_context
+  step "bench_nf4 quick" 30 80 "${PY[@]}" scripts/bench_nf4.py --quick --out "$OUT/bench_nf4.json"
+  vs_peer peer:lora:compile:60:100 ftcore:lora:compile:50:90 ftcore:lora:eager:20:60:--fused \
+    ftcore:lora:eager:20:60:--fused,--offload
+  vs_peer peer:qlora:compile:60:100 ftcore:qlora:compile:50:90 ftcore:qlora:eager:20:60:--fused
+  vs_peer --model llama3_2_3b peer:full:compile:50:90 ftcore:full:compile:40:80 ftcore:full:eager:15:50:--fused
+  vs_peer --bs 1 --seq 65536 ftcore:qlora:eager:50:100:--fused,--offload,--mlp-chunk,8192,--warm,1,--steps,1,--memory-cap-gib,79
+}
+
 plan_big() {
   vs_peer --model llama3_1_70b --bs 1 ftcore:qlora:eager:120:280 peer:qlora:compile:200:330
 }
@@ -145,6 +160,7 @@ case $PLAN in
   headline) plan_headline ;;
   profile) plan_profile ;;
   switches) plan_switches ;;
+  final) plan_final ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"

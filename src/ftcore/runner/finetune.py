@@ -40,6 +40,14 @@ from ftcore.training.loggers import drop_records_after
 
 log = logging.getLogger("ftcore")
 
+OOM_REPORTED_KEYS = (  # their current values are shown beside the advice when a run runs out of memory
+    "batch_size",
+    "gradient_accumulation_steps",
+    "enable_activation_checkpointing",
+    "enable_activation_offloading",
+    "mlp_chunk_tokens",
+    "optimizer_in_backward",
+)
 TRAINABLE_FILE = "trainable.safetensors"  # LoRA: the adapter tensors, exactly, for resume
 WriteWeights = Callable[[Path], dict]
 ReadWeights = Callable[[Path, dict], None]
@@ -146,12 +154,7 @@ class FinetuneSession:
             p.output_dir,
         )
         try:
-            with explain_oom(
-                {
-                    k: self.cfg.get(k)
-                    for k in ("batch_size", "gradient_accumulation_steps", "enable_activation_checkpointing")
-                }
-            ):
+            with explain_oom({k: self.cfg.get(k) for k in OOM_REPORTED_KEYS}):
                 self.loop.run()
         except NonFiniteLossError:
             log.error("stopped on a non-finite loss; the last good checkpoint is in %s", p.output_dir)

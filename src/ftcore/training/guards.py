@@ -29,9 +29,12 @@ MEMORY_SETTINGS = (
     ("batch_size", "lower it (and raise gradient_accumulation_steps to keep the effective batch)"),
     ("gradient_accumulation_steps", "raise it while lowering batch_size"),
     ("enable_activation_checkpointing", "set it to True (recomputes activations in backward)"),
+    ("enable_activation_offloading", "set it to True with checkpointing (block inputs in host memory)"),
+    ("mlp_chunk_tokens", "set it, e.g. 8192, for long sequences (the MLP in checkpointed chunks)"),
     ("max_seq_len", "lower it (shorter sequences, or packing with a smaller max_seq_len)"),
     ("model.quantize_base", "set it to True (QLoRA: the frozen base in NF4, about 4x smaller)"),
-    ("optimizer", "use ftcore.training.adamw_8bit (8-bit optimizer state)"),
+    ("optimizer", "use ftcore.training.adamw_8bit (8-bit state) or cpu_offload_adamw (state on the CPU)"),
+    ("optimizer_in_backward", "set it to True (full fine-tuning: gradients freed as they are used)"),
 )
 
 
