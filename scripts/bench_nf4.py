@@ -3,11 +3,17 @@ NF4 linear forward+backward (to the input) at 4096 tokens vs a bf16 nn.Linear an
 (eager and torch.compile'd), for Llama-3.1-8B and 70B layer shapes.
 
     python scripts/bench_nf4.py --out /tmp/nf4_bench.json [--tokens 4096] [--models 8B,70B] [--no-sweep]
-        [--fused-tokens 1,16,64,256,4096] [--no-fused]
+        [--fused-tokens 1,16,64,256,4096] [--no-fused] [--quick] [--no-fused-sweep]
+        [--gemv-tokens 1,2,4,8,16] [--gemv-sweep-tokens 1,8] [--no-gemv]
 
 Also (JSON `fused_rows`, 8B shapes): the fused NF4 matmul (`nf4_matmul_triton`) against a bf16 F.linear and
 against dequantize + cuBLAS per token count M, forward, and forward + grad-input at the largest M; the
-`fused_vs_dequant` ratio per M is what `kernels.FUSED_NF4_MAX_TOKENS` is set from. And per shape (JSON
+`fused_vs_dequant` ratio per M is what `kernels.FUSED_NF4_MAX_TOKENS` is set from. JSON `gemv_rows` (8B
+shapes): the NF4 GEMV (`nf4_gemv_triton`, decode) per M against the same two, with a sweep of its tilings
+at `--gemv-sweep-tokens`; `kernels.NF4_GEMV_MAX_TOKENS` is the largest M whose `gemv_vs_dequant` (or, when
+the sweep beat the default, `gemv_best_vs_dequant` after moving `pick_gemv_config` there) is < 1 on every
+layer. `--quick` skips the tiled kernel's sweeps, its rows above 16 tokens and the torchao compile (the
+dequantize rows and their sweeps still run). And per shape (JSON
 `dequant_variants` in each row): the dequantize layout variants' GB/s as a fraction of the 2 GiB copy and
 of a copy of the shape's own size. A short summary table is printed last.
 
@@ -35,7 +41,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from ftcore import kernels
-from ftcore.kernels import nf4_matmul_triton, nf4_triton
+from ftcore.kernels import nf4_gemv_triton, nf4_matmul_triton, nf4_triton
 from ftcore.modules.nf4 import nf4_linear, to_nf4
 
 # (out_features, in_features) per projection.
@@ -59,6 +65,18 @@ FUSED_SWEEP = {  # none spills registers on sm_90 (ptxas); 128x128x128 and 64x12
     256: [MM(64, 64, 64, 1, 4, 4), MM(64, 128, 64, 1, 4, 4), MM(128, 64, 64, 1, 8, 3), MM(128, 128, 64, 1, 8, 3)],
     2**31: [MM(128, 128, 64, 1, 8, 4), MM(128, 128, 64, 1, 8, 2), MM(128, 64, 64, 1, 8, 3), MM(64, 128, 64, 1, 4, 4)],
 }  # fmt: skip
+# GEMV tilings (block_n, block_k, num_warps), each at split 1, its auto split, half and twice that. Compiled
+# for sm_90 (ptxas) none uses local memory up to M = 16 (8 x 256 x 2 warps keeps an 8-byte stack at 16);
+# 16 x 1024 x 4 warps spills at M = 8, so wide K steps get 8 warps.
+GEMV_SWEEP = [
+    (16, 256, 4),
+    (8, 256, 2),
+    (32, 256, 8),
+    (16, 512, 4),
+    (64, 256, 8),
+    (32, 512, 8),
+    (16, 1024, 8),
+]
 _L2_FLUSH = None
 _SLEEP_CYCLES_PER_MS = None
 
@@ -247,7 +265,7 @@ def dequant_variant_row(parts, buffer: torch.Tensor, bandwidth: float) -> dict:
 
 
 def forced(path: str, fn):
-    """fn run with the NF4 linear forced to one path ("fused" / "dequant"), backward included."""
+    """fn run with the NF4 linear forced to one path ("gemv" / "fused" / "dequant"), backward included."""
 
     def call():
         previous, kernels.NF4_MATMUL_PATH = kernels.NF4_MATMUL_PATH, path
@@ -326,8 +344,85 @@ def fused_rows(tokens: list[int], sweep: bool, result: dict, out_path: str) -> N
             torch.cuda.empty_cache()
 
 
+def gemv_sweep(parts, x: torch.Tensor) -> dict:
+    """Each GEMV_SWEEP tiling at split 1, half its auto split, the auto split and twice it."""
+    n, k = parts.shape
+    timings = {}
+    for block_n, block_k, warps in GEMV_SWEEP:
+        auto = nf4_gemv_triton.auto_split(n, k, block_n, block_k, x.device)
+        for split in sorted({1, max(1, auto // 2), auto, min(2 * auto, max(1, k // block_k // 2))}):
+            cfg = nf4_gemv_triton.GemvConfig(block_n, block_k, split, warps)
+            timings[",".join(map(str, cfg))] = device_ms(
+                lambda cfg=cfg: nf4_gemv_triton.nf4_gemv(x, parts, config=cfg)
+            )
+    best = min(timings, key=timings.get)
+    return {"best_cfg": best, "best_ms": timings[best], "sweep_ms": timings}
+
+
+def gemv_row(shape: tuple[int, int], m: int, sweep: bool) -> dict:
+    """Forward at m tokens: bf16 F.linear, dequantize + cuBLAS, the NF4 GEMV (default config, then swept)."""
+    out_dim, in_dim = shape
+    w = (torch.randn(shape, device="cuda") * 0.02).bfloat16()
+    parts = to_nf4(w)
+    x = torch.randn(m, in_dim, device="cuda", dtype=torch.bfloat16)
+    gemv, dequant = (
+        forced("gemv", lambda: nf4_linear(x, parts)),
+        forced("dequant", lambda: nf4_linear(x, parts)),
+    )
+    row = {"tokens": m, "gemv_cfg": ",".join(map(str, nf4_gemv_triton.pick_gemv_config(m, out_dim, in_dim, x.device))),
+           "bf16_fwd_ms": device_ms(lambda: F.linear(x, w)), "dequant_fwd_ms": device_ms(dequant),
+           "gemv_ms": device_ms(gemv), "gemv_max_abs_diff": (gemv() - dequant()).abs().max().item()}  # fmt: skip
+    row["gemv_vs_bf16"] = row["gemv_ms"] / row["bf16_fwd_ms"]
+    row["gemv_vs_dequant"] = row["gemv_ms"] / row["dequant_fwd_ms"]
+    row["gemv_GBps"] = (
+        sum(t.numel() * t.element_size() for t in (parts.packed, parts.absmax)) / row["gemv_ms"] / 1e6
+    )
+    row.update({"gemv_" + k: v for k, v in launch_counts(gemv).items()})
+    if sweep:
+        row["gemv_sweep"] = gemv_sweep(parts, x)
+        row["gemv_best_vs_dequant"] = row["gemv_sweep"]["best_ms"] / row["dequant_fwd_ms"]
+    return row
+
+
+def gemv_rows(tokens: list[int], sweep_tokens: set[int], result: dict, out_path: str) -> None:
+    print("model | layer | tokens | bf16_fwd_ms | dequant_fwd_ms | gemv_ms | gemv_vs_bf16 | gemv_vs_dequant | "
+          "gemv_GBps | gemv_kernels | gemv_best_ms | gemv_best_vs_dequant | gemv_best_cfg", flush=True)  # fmt: skip
+    for name, shape in SHAPES["8B"].items():
+        for m in tokens:
+            row = {"model": "8B", "layer": name, "shape": list(shape), "tokens": m}
+            try:
+                row.update(gemv_row(shape, m, sweep=m in sweep_tokens))
+            except Exception as error:  # recorded in the JSON; the other token counts still run
+                print(f"8B {name} tokens={m}: gemv row failed: {error!r}", flush=True)
+                result["gemv_rows"].append({**row, "error": repr(error)})
+                continue
+            best = row.get("gemv_sweep", {})
+            cells = [row["model"], name, m] + [row[k] for k in ("bf16_fwd_ms", "dequant_fwd_ms", "gemv_ms",
+                     "gemv_vs_bf16", "gemv_vs_dequant", "gemv_GBps", "gemv_kernels")] + [
+                     best.get("best_ms", "-"), row.get("gemv_best_vs_dequant", "-"), best.get("best_cfg", "-")]  # fmt: skip
+            print(" | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in cells), flush=True)
+            result["gemv_rows"].append(row)
+            with open(out_path, "w") as f:
+                json.dump(result, f, indent=1)
+            torch.cuda.empty_cache()
+
+
 def print_summary(result: dict) -> None:
-    """The short table: fused vs the alternatives per M, then the best dequantize layout per shape."""
+    """The short tables: GEMV and fused vs the alternatives per M, then the best dequantize layout per shape."""
+    print("\nSUMMARY NF4 GEMV (8B, bf16, device ms): layer | M | bf16 | dequant+cuBLAS | gemv | gemv/bf16 | "
+          "gemv/dequant | swept best gemv/dequant at cfg", flush=True)  # fmt: skip
+    for row in result.get("gemv_rows", []):
+        keys = (
+            "bf16_fwd_ms",
+            "dequant_fwd_ms",
+            "gemv_ms",
+            "gemv_vs_bf16",
+            "gemv_vs_dequant",
+            "gemv_best_vs_dequant",
+        )
+        cells = [row["layer"], row["tokens"], *(row.get(k, "-") for k in keys),
+                 row.get("gemv_sweep", {}).get("best_cfg", "-"), row.get("error", "")]  # fmt: skip
+        print(" | ".join(f"{c:.4f}" if isinstance(c, float) else str(c) for c in cells))
     print("\nSUMMARY fused NF4 matmul (8B, bf16, device ms): layer | M | bf16 | dequant+cuBLAS | fused | "
           "fused/dequant | fused fwd+grad_in / dequant | fused sweep", flush=True)  # fmt: skip
     for row in result["fused_rows"]:
@@ -414,7 +509,25 @@ def main() -> None:
         "--fused-tokens", default="1,16,64,256,4096", help="token counts for the fused matmul"
     )
     parser.add_argument("--no-fused", dest="fused", action="store_false", help="skip the fused-matmul rows")
+    parser.add_argument(
+        "--no-fused-sweep",
+        dest="fused_sweep",
+        action="store_false",
+        help="skip the tiled fused kernel's sweeps",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="no tiled fused sweeps, tiled rows only up to 16 tokens, no torchao compile (~80 s run)",
+    )
+    parser.add_argument("--gemv-tokens", default="1,2,4,8,16", help="token counts for the NF4 GEMV rows")
+    parser.add_argument(
+        "--gemv-sweep-tokens", default="1,8", help="token counts at which the GEMV tilings are swept"
+    )
+    parser.add_argument("--no-gemv", dest="gemv", action="store_false", help="skip the NF4 GEMV rows")
     args = parser.parse_args()
+    if args.quick:  # torch.compile of torchao's NF4 per shape is the slowest part after the tiled sweeps
+        args.torchao_compile = False
     if not torch.cuda.is_available():
         raise SystemExit("bench_nf4.py needs a CUDA GPU")
     torch.manual_seed(0)
@@ -429,6 +542,7 @@ def main() -> None:
         "tokens": args.tokens,
         "rows": [],
         "fused_rows": [],
+        "gemv_rows": [],
     }
     for model in args.models.split(","):
         for name, shape in SHAPES[model].items():
@@ -439,8 +553,12 @@ def main() -> None:
             with open(args.out, "w") as f:  # rewritten per row: a timeout still leaves the rows so far
                 json.dump(result, f, indent=1)
             torch.cuda.empty_cache()
+    if args.gemv:
+        sweep_tokens = {int(t) for t in args.gemv_sweep_tokens.split(",") if t} if args.sweep else set()
+        gemv_rows([int(t) for t in args.gemv_tokens.split(",")], sweep_tokens, result, args.out)
     if args.fused:
-        fused_rows([int(t) for t in args.fused_tokens.split(",")], args.sweep, result, args.out)
+        tokens = [int(t) for t in args.fused_tokens.split(",") if not args.quick or int(t) <= 16]
+        fused_rows(tokens, args.sweep and args.fused_sweep and not args.quick, result, args.out)
     print_summary(result)
 
 

@@ -1,7 +1,8 @@
 """Cases run by test_nf4_matmul_interpret.py in a subprocess with TRITON_INTERPRET=1 (set before triton is imported).
 
-The fused NF4 matmul against an fp64 matmul on the reference's dequantized weight, the dequantize layout
-variants against the reference bit for bit, and the NF4 linear's dispatch, on CPU through the interpreter.
+The fused NF4 matmul and the NF4 GEMV against an fp64 matmul on the reference's dequantized weight, the
+dequantize layout variants against the reference bit for bit, and the NF4 linear's dispatch, on CPU through
+the interpreter.
 """
 
 from __future__ import annotations
@@ -19,11 +20,16 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     )
 
 from ftcore import kernels  # noqa: E402
+from ftcore.kernels import nf4_gemv_triton as gv  # noqa: E402
 from ftcore.kernels import nf4_matmul_triton as mm  # noqa: E402
 from ftcore.kernels import nf4_triton as tri  # noqa: E402
 
 # fp32: IEEE dot, only the summation order differs; bf16: the output's one rounding (2**-8 relative).
-TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2**-8, atol=1e-5)}
+TOLERANCE = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2**-8, atol=1e-5),
+    torch.float16: dict(rtol=2**-11, atol=1e-5),
+}
 SHAPES = [(64, 128), (192, 64), (128, 256)]  # (N, K): non-square, tails in both tile directions
 
 
@@ -103,30 +109,110 @@ def test_fused_rejects_what_it_cannot_take():
         mm.nf4_matmul(torch.randn(2, 3, 64), weight(64, 64))
 
 
-def test_dispatch_rule_fuses_small_token_counts_on_cuda_only(monkeypatch):
-    parts, cuda = weight(64, 128), torch.device("cuda")
+GEMV_CONFIGS = [gv.GemvConfig(16, 64, 1, 4), gv.GemvConfig(32, 128, 3, 4), gv.GemvConfig(8, 256, 2, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize(
+    "shape,config",
+    [((64, 128), None), ((200, 192), GEMV_CONFIGS[0]), ((72, 384), GEMV_CONFIGS[1]), ((40, 640), GEMV_CONFIGS[2])],
+    ids=["auto-cfg", "unsplit-n-tail", "split3", "split2-k-tail"],
+)  # fmt: skip
+def test_gemv_matches_fp64_reference(shape, config, m, dtype):
+    # N = 200, 72, 40 leave a partial row block; K = 640 / 256 leaves a partial last K step.
+    n, k = shape
+    parts = weight(n, k, seed=m + n)
+    w = ref.dequantize_nf4(parts, dtype).double()  # (N, K): the values the products must use
+    gen = torch.Generator().manual_seed(9)
+    x, b = torch.randn(m, k, generator=gen).to(dtype), torch.randn(n, generator=gen).to(dtype)
+    bias = b if m != 3 else None
+    y = gv.nf4_gemv(x, parts, bias, config)
+    assert y.dtype == dtype and y.shape == (m, n)
+    expected = x.double() @ w.T + (b.double() if bias is not None else 0)
+    torch.testing.assert_close(y.double(), expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "config", [None, GEMV_CONFIGS[0], GEMV_CONFIGS[2]], ids=["auto-cfg", "unsplit", "split2"]
+)
+def test_gemv_one_hot_rows_reproduce_the_reference_weights(config, dtype):
+    # Each one-hot row selects one column of W: any rounding, nibble-order or absmax slip shows exactly.
+    parts = weight(96, 320, seed=10)
+    w = ref.dequantize_nf4(parts, dtype)  # (N, K)
+    for cols in (slice(61, 69), slice(312, 320), slice(100, 101)):  # a block boundary, the last K step, M = 1
+        eye = torch.eye(320, dtype=dtype)[cols]  # (8, K)
+        assert torch.equal(gv.nf4_gemv(eye, parts, config=config), w.T[cols])
+
+
+@pytest.mark.parametrize("quant", [{"block_size": 128}, {"double_quant": False}], ids=["block128", "no-dq"])
+def test_gemv_other_nf4_formats(quant):
+    parts = weight(48, 512, seed=11, **quant)
+    w = ref.dequantize_nf4(parts, torch.float32).double()
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(12))
+    for config in (
+        None,
+        gv.GemvConfig(16, 64, 1, 4),
+        gv.GemvConfig(16, 128, 2, 4),
+    ):  # 64 < block 128: widened
+        torch.testing.assert_close(gv.nf4_gemv(x, parts, config=config).double(), x.double() @ w.T)
+
+
+def test_gemv_rejects_what_it_cannot_take():
+    with pytest.raises(ValueError, match="1 <= M"):
+        gv.nf4_gemv(torch.randn(gv.MAX_TOKENS + 1, 128), weight(64, 128))
+    with pytest.raises(ValueError, match="1 <= M"):
+        gv.nf4_gemv(torch.randn(0, 128), weight(64, 128))
+    with pytest.raises(ValueError, match="whole"):
+        gv.nf4_gemv(torch.randn(1, 96), ref.quantize_nf4(torch.randn(2, 96)))  # 96 = 1.5 blocks
+
+
+def test_dispatch_rule_on_cuda_only(monkeypatch):
+    parts, cuda, cpu = weight(64, 128), torch.device("cuda"), torch.device("cpu")
+    bf16 = torch.bfloat16
+
+    def path(tokens, dtype=bf16, device=cuda, grad_input=False):
+        return kernels.nf4_matmul_path(tokens, parts, dtype, device, grad_input=grad_input)
+
     monkeypatch.setattr(kernels, "NF4_MATMUL_PATH", "auto")
-    assert kernels.use_fused_nf4_matmul(1, parts, torch.bfloat16, cuda)
-    assert kernels.use_fused_nf4_matmul(kernels.FUSED_NF4_MAX_TOKENS, parts, torch.bfloat16, cuda)
-    assert not kernels.use_fused_nf4_matmul(kernels.FUSED_NF4_MAX_TOKENS + 1, parts, torch.bfloat16, cuda)
-    assert not kernels.use_fused_nf4_matmul(1, parts, torch.bfloat16, torch.device("cpu"))
-    assert kernels.use_fused_nf4_matmul(1, parts, torch.float16, cuda)
-    assert not kernels.use_fused_nf4_matmul(1, parts, torch.float32, cuda)  # cuBLAS' fp32 is faster
-    assert not kernels.use_fused_nf4_matmul(1, parts, torch.float64, cuda)
+    # The shipped thresholds: GEMV for a few tokens, the tiled kernel never, cuBLAS for the rest.
+    max_gemv = kernels.NF4_GEMV_MAX_TOKENS
+    assert path(1) == path(max_gemv) == path(1, torch.float16) == "gemv"
+    assert path(max_gemv + 1) == path(4096) == path(0) == "dequant"
+    assert path(1, device=cpu) == path(1, torch.float32) == path(1, torch.float64) == "dequant"
+    assert path(1, grad_input=True) == "dequant" and not kernels.use_fused_nf4_matmul(1, parts, bf16, cuda)
+    # The tiled kernel's own threshold (0 today) still works when set.
+    monkeypatch.setattr(kernels, "FUSED_NF4_MAX_TOKENS", 64)
+    assert path(max_gemv) == "gemv" and path(max_gemv + 1) == path(64) == "fused"
+    assert path(1, grad_input=True) == path(64, grad_input=True) == "fused" and path(65) == "dequant"
+    assert kernels.use_fused_nf4_matmul(64, parts, bf16, cuda)
+    assert not kernels.use_fused_nf4_matmul(65, parts, bf16, cuda)
+    assert path(1, torch.float32) == path(1, device=cpu) == "dequant"
+    monkeypatch.setattr(kernels, "NF4_GEMV_MAX_TOKENS", 0)
+    assert path(1) == "fused"
+    monkeypatch.setattr(kernels, "FUSED_NF4_MAX_TOKENS", 0)
+    assert path(1) == "dequant"
+    # Forced paths.
+    monkeypatch.setattr(kernels, "NF4_MATMUL_PATH", "gemv")  # wherever the GEMV takes the call
+    assert path(1, torch.float32, cpu) == path(gv.MAX_TOKENS) == "gemv"
+    assert path(gv.MAX_TOKENS + 1) == path(1, grad_input=True) == "dequant"
+    monkeypatch.setattr(kernels, "NF4_MATMUL_PATH", "fused")
+    assert path(1) == path(4096, grad_input=True) == "fused"
     monkeypatch.setattr(kernels, "NF4_MATMUL_PATH", "dequant")
-    assert not kernels.use_fused_nf4_matmul(1, parts, torch.bfloat16, cuda)
+    assert path(1) == "dequant" and not kernels.use_fused_nf4_matmul(1, parts, bf16, cuda)
     monkeypatch.setattr(kernels, "NF4_MATMUL_PATH", "fastest")
     with pytest.raises(ValueError, match="FTCORE_NF4_MATMUL"):
-        kernels.use_fused_nf4_matmul(1, parts, torch.bfloat16, cuda)
+        path(1)
 
 
-@pytest.mark.parametrize("path", ["fused", "dequant"])
+@pytest.mark.parametrize("path", ["gemv", "fused", "dequant"])
 def test_nf4_linear_forward_and_backward_through_the_forced_path(monkeypatch, path):
     calls = []
-    for name in ("nf4_matmul", "nf4_matmul_grad_input"):
-        real = getattr(mm, name)
+    for module, name in ((mm, "nf4_matmul"), (mm, "nf4_matmul_grad_input"), (gv, "nf4_gemv")):
+        real = getattr(module, name)
         monkeypatch.setattr(
-            mm, name, lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw)
+            module, name, lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw)
         )
     monkeypatch.setattr(kernels, "NF4_MATMUL_PATH", path)
     parts = weight(192, 128, seed=6)
@@ -137,7 +223,8 @@ def test_nf4_linear_forward_and_backward_through_the_forced_path(monkeypatch, pa
     g = torch.randn(2, 3, 192, generator=gen)
     y = kernels.nf4_linear(x, parts, b)
     y.backward(g)
-    assert calls == (["nf4_matmul", "nf4_matmul_grad_input"] if path == "fused" else [])
+    expected_calls = {"gemv": ["nf4_gemv"], "fused": ["nf4_matmul", "nf4_matmul_grad_input"], "dequant": []}
+    assert calls == expected_calls[path]
     torch.testing.assert_close(y.double(), x.double() @ w.T + b.double(), **TOLERANCE[torch.float32])
     torch.testing.assert_close(x.grad.double(), g.double() @ w, **TOLERANCE[torch.float32])
     torch.testing.assert_close(b.grad, g.sum((0, 1)))

@@ -47,14 +47,23 @@ def _check_offloading(activation_checkpointing: bool) -> None:
 def speed_options(cfg) -> dict:
     """The config keys that choose how a model runs (not what it computes), as `parallelize` keywords.
 
-    One place for the recipes and the sharded build to read them, so a new switch is one line here."""
-    return {
+    One place for the recipes and the sharded build to read them, so a new switch is one line here.
+    The values are checked here, so that `build_parts` can reject a bad one before anything is built."""
+    options = {
         "activation_checkpointing": cfg.get("enable_activation_checkpointing", False),
         "compile": cfg.get("compile", False),
         "fused_kernels": cfg.get("fused_kernels", False),
         "activation_offloading": cfg.get("enable_activation_offloading", False),
         "mlp_chunk_tokens": cfg.get("mlp_chunk_tokens", None),
     }
+    if options["activation_offloading"]:
+        _check_offloading(options["activation_checkpointing"])
+    chunk = options["mlp_chunk_tokens"]
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(
+            f"config key `mlp_chunk_tokens` must be an integer >= 1 or null (no chunking), got {chunk!r}"
+        )
+    return options
 
 
 def parallelize(

@@ -6,8 +6,9 @@ as single nodes: it can neither fuse into them nor keep their dequantized W. An 
 traced through instead, leaving the partitioner free to keep its bf16 W (2 bytes per weight) for backward:
 8B QLoRA compiled per block peaked at 17.5 GiB that way, 8.1 GiB (the eager peak) with these operators.
 The autograd formula saves only the NF4 parts, which are the layer's own buffers: nothing new.
-Each operator either runs the fused Triton dequantize-in-matmul (`nf4_matmul_triton`, few tokens) or
-dequantizes into a temporary and calls cuBLAS (many tokens); `use_fused_nf4_matmul` is the one rule.
+The forward operator runs the Triton NF4 GEMV (`nf4_gemv_triton`, decode: a few tokens), the tiled fused
+dequantize-in-matmul (`nf4_matmul_triton`, only when forced) or dequantizes into a temporary and calls
+cuBLAS; the grad-input operator the latter two. `nf4_matmul_path` is the one rule.
 """
 
 from __future__ import annotations
@@ -18,25 +19,40 @@ import torch
 import torch.nn.functional as F
 
 from ftcore.kernels import nf4_reference
+from ftcore.kernels.eager_twin import eager_twin
 from ftcore.kernels.nf4_reference import NF4Parts
 
 try:  # Triton is optional on CPU-only installs; the reference covers every device.
-    from ftcore.kernels import nf4_matmul_triton, nf4_triton
+    from ftcore.kernels import nf4_gemv_triton, nf4_matmul_triton, nf4_triton
 except ImportError:  # pragma: no cover - depends on the install
-    nf4_triton = nf4_matmul_triton = None
+    nf4_triton = nf4_matmul_triton = nf4_gemv_triton = None
 
-# How the two NF4 linear operators compute: "auto" (the rule in `use_fused_nf4_matmul`), or forced to
-# "fused" (Triton dequantize-in-matmul) / "dequant" (dequantize + cuBLAS) for tests and benchmarks.
+# How the two NF4 linear operators compute: "auto" (the rule in `nf4_matmul_path`), or forced for tests and
+# benchmarks to "gemv" (the Triton NF4 GEMV wherever it takes the call: forward, <= nf4_gemv_triton.MAX_TOKENS
+# tokens; the auto rule elsewhere), "fused" (tiled Triton dequantize-in-matmul) or "dequant" (dequantize +
+# cuBLAS).
 # Read once from FTCORE_NF4_MATMUL; tests and scripts/bench_nf4.py set this attribute directly.
 NF4_MATMUL_PATH = os.environ.get("FTCORE_NF4_MATMUL", "auto")
-_NF4_MATMUL_PATHS = ("auto", "fused", "dequant")
-# "auto" fuses while a call has at most this many tokens (rows of x). The fused kernel reads W once as
-# NF4 (0.53 bytes per weight) where dequantize + cuBLAS moves ~4.5, so it wins while reading W bounds the
-# matmul (decode, small batches); at training sizes cuBLAS' GEMM wins. PROVISIONAL: set it from
-# scripts/bench_nf4.py on the target card (the `fused_vs_dequant` column per M; largest M still < 1).
-FUSED_NF4_MAX_TOKENS = 256
+_NF4_MATMUL_PATHS = ("auto", "gemv", "fused", "dequant")
+# "auto" fuses while a call has at most this many tokens (rows of x). Measured on an H200
+# (scripts/bench_nf4.py, 2026-12-01): the tiled fused kernel was slower than dequantize + cuBLAS at every
+# token count, 1.9-3.6x at M = 1 and 15-18x at 4096, so "auto" never picks it (0) and it stays a forced
+# path until a kernel beats cuBLAS somewhere; docs/nf4.md has the table.
+FUSED_NF4_MAX_TOKENS = 0
+# "auto" runs the forward through the NF4 GEMV for 1..NF4_GEMV_MAX_TOKENS tokens (CUDA, bf16/fp16): it reads
+# W once as NF4 bytes, where dequantize + cuBLAS writes and rereads a bf16 copy. PROVISIONAL (not yet
+# measured): set it from scripts/bench_nf4.py's `gemv_vs_dequant` column (largest M still < 1 on every layer).
+NF4_GEMV_MAX_TOKENS = 8
 
-__all__ = ["NF4Parts", "quantize_nf4", "dequantize_nf4", "nf4_linear", "use_triton", "use_fused_nf4_matmul"]
+__all__ = [
+    "NF4Parts",
+    "quantize_nf4",
+    "dequantize_nf4",
+    "nf4_linear",
+    "use_triton",
+    "nf4_matmul_path",
+    "use_fused_nf4_matmul",
+]
 
 
 def use_triton(device: torch.device) -> bool:
@@ -58,25 +74,45 @@ def dequantize_nf4(
     return weight if out is None else out.copy_(weight.view_as(out))
 
 
-def use_fused_nf4_matmul(tokens: int, parts: NF4Parts, dtype: torch.dtype, device: torch.device) -> bool:
-    """The NF4 linear's one dispatch rule: fused Triton kernel or dequantize + cuBLAS (see FUSED_NF4_MAX_TOKENS)."""
+def nf4_matmul_path(
+    tokens: int, parts: NF4Parts, dtype: torch.dtype, device: torch.device, grad_input: bool = False
+) -> str:
+    """The NF4 linear's one dispatch rule: "gemv", "fused" or "dequant" for one operator call.
+
+    Auto: the forward takes the GEMV for 1..NF4_GEMV_MAX_TOKENS tokens on CUDA in bf16/fp16, the tiled fused
+    kernel for up to FUSED_NF4_MAX_TOKENS (0: never), else dequantize + cuBLAS; the grad-input (never run
+    at decode) only the latter two. fp32 stays on cuBLAS."""
     if NF4_MATMUL_PATH not in _NF4_MATMUL_PATHS:
         raise ValueError(
             f"FTCORE_NF4_MATMUL / kernels.NF4_MATMUL_PATH must be one of {_NF4_MATMUL_PATHS}; got {NF4_MATMUL_PATH!r}"
         )
     if NF4_MATMUL_PATH == "dequant":
-        return False
-    supported = nf4_matmul_triton is not None and nf4_matmul_triton.supports(parts, dtype)
+        return "dequant"
+    fused_ok = nf4_matmul_triton is not None and nf4_matmul_triton.supports(parts, dtype)
     if NF4_MATMUL_PATH == "fused":  # forced: on CUDA, or on CPU tensors under TRITON_INTERPRET=1
-        if not supported:
+        if not fused_ok:
             raise ValueError(
                 f"NF4_MATMUL_PATH='fused' cannot take weight {tuple(parts.shape)} (block {parts.block_size}) "
                 f"in {dtype}: the fused kernel needs Triton, a 2-D weight of whole blocks and bf16/fp16/fp32."
             )
-        return True
-    # fp32 stays on cuBLAS: an IEEE fp32 dot has no tensor-core path in Triton and its tiles spill registers.
-    half = dtype in (torch.bfloat16, torch.float16)
-    return supported and half and use_triton(device) and 1 <= tokens <= FUSED_NF4_MAX_TOKENS
+        return "fused"
+    gemv_ok = (
+        not grad_input and nf4_gemv_triton is not None and nf4_gemv_triton.supports(parts, dtype, tokens)
+    )
+    if NF4_MATMUL_PATH == "gemv" and gemv_ok:  # forced wherever the GEMV takes the call; elsewhere auto
+        return "gemv"
+    # fp32 stays on cuBLAS: the tiled kernel's IEEE fp32 dot has no tensor-core path; the GEMV is unmeasured.
+    auto_ok = dtype in (torch.bfloat16, torch.float16) and use_triton(device)
+    if auto_ok and gemv_ok and 1 <= tokens <= NF4_GEMV_MAX_TOKENS:
+        return "gemv"
+    if auto_ok and fused_ok and 1 <= tokens <= FUSED_NF4_MAX_TOKENS:
+        return "fused"
+    return "dequant"
+
+
+def use_fused_nf4_matmul(tokens: int, parts: NF4Parts, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the grad-input operator runs the tiled fused kernel (`nf4_matmul_path` with grad_input)."""
+    return nf4_matmul_path(tokens, parts, dtype, device, grad_input=True) == "fused"
 
 
 def _weight_parts(
@@ -92,8 +128,7 @@ def _weight_parts(
     return NF4Parts(packed.reshape(-1), absmax.reshape(-1), nested_absmax, offset, shape, dtype, block_size)
 
 
-@torch.library.custom_op("ftcore::nf4_linear", mutates_args=())
-def _nf4_linear_op(
+def _nf4_linear_forward(
     x: torch.Tensor,
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -104,10 +139,15 @@ def _nf4_linear_op(
 ) -> torch.Tensor:
     """x (..., in) @ W^T + bias -> (..., out), W dequantized to x's dtype (in registers when fused)."""
     parts = _weight_parts(packed, absmax, nested_absmax, offset, block_size, x.dtype)
-    if use_fused_nf4_matmul(x.numel() // x.shape[-1], parts, x.dtype, x.device):
-        y = nf4_matmul_triton.nf4_matmul(x.reshape(-1, x.shape[-1]), parts, bias)  # (tokens, out)
+    path = nf4_matmul_path(x.numel() // x.shape[-1], parts, x.dtype, x.device)
+    if path != "dequant":
+        matmul = nf4_gemv_triton.nf4_gemv if path == "gemv" else nf4_matmul_triton.nf4_matmul
+        y = matmul(x.reshape(-1, x.shape[-1]), parts, bias)  # (tokens, out)
         return y.view(*x.shape[:-1], y.shape[-1])
     return F.linear(x, dequantize_nf4(parts, x.dtype), bias)
+
+
+_nf4_linear_op = torch.library.custom_op("ftcore::nf4_linear", mutates_args=())(_nf4_linear_forward)
 
 
 @_nf4_linear_op.register_fake
@@ -162,6 +202,7 @@ def _nf4_linear_grad_input_backward(ctx, grad_grad_x):
 
 
 _nf4_linear_op.register_autograd(_nf4_linear_backward, setup_context=_save_nf4_parts)
+_nf4_linear = eager_twin(_nf4_linear_op, _nf4_linear_forward, _save_nf4_parts, _nf4_linear_backward)
 _nf4_linear_grad_input_op.register_autograd(_nf4_linear_grad_input_backward, setup_context=_save_nf4_parts)
 
 
@@ -173,4 +214,4 @@ def nf4_linear(x: torch.Tensor, parts: NF4Parts, bias: torch.Tensor | None = Non
             f"got weight shape {tuple(parts.shape)}. Quantize the (out, in) weight of the linear layer."
         )
     packed = parts.packed.view(parts.shape[0], parts.shape[1] // 2)  # (out, in / 2) bytes
-    return _nf4_linear_op(x, packed, parts.absmax, parts.nested_absmax, parts.offset, bias, parts.block_size)
+    return _nf4_linear(x, packed, parts.absmax, parts.nested_absmax, parts.offset, bias, parts.block_size)

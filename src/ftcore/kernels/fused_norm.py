@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ftcore.kernels.eager_twin import eager_twin
 from ftcore.kernels.fused_common import jit, next_power_of_2, num_warps_for, tl, use_triton
 
 
@@ -129,13 +130,15 @@ def _backward_triton(grad_y, x, weight, rstd, compute_dw: bool):
     return dx.view(x.shape), dw
 
 
-@torch.library.custom_op("ftcore::rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (y (..., N) in the promoted dtype of x and weight, rstd (...) float32)."""
     if use_triton(x):
         return _forward_triton(x, weight, eps)
     y, rstd = rms_norm_reference(x, weight, eps)
     return y.contiguous(), rstd.contiguous()
+
+
+_rms_norm_op = torch.library.custom_op("ftcore::rms_norm", mutates_args=())(_rms_norm_forward)
 
 
 @_rms_norm_op.register_fake
@@ -173,8 +176,9 @@ def _backward(ctx, grad_y, _grad_rstd):
 
 
 _rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_rms_norm = eager_twin(_rms_norm_op, _rms_norm_forward, _setup_context, _backward)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (x / sqrt(mean(x^2) + eps)) over the last dim, as `RMSNorm.forward`; x (..., N), weight (N,)."""
-    return _rms_norm_op(x, weight, eps)[0]
+    return _rms_norm(x, weight, eps)[0]

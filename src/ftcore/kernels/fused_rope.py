@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ftcore.kernels.eager_twin import eager_twin
 from ftcore.kernels.fused_common import jit, next_power_of_2, num_warps_for, tl, use_triton
 
 
@@ -49,7 +50,7 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
 
 def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    batch, _, seq_len, head_dim = x.shape
+    batch, _, seq_len, head_dim = x.shape if x.dim() == 4 else (0, 0, 0, 1)  # 1: fails the check below
     ok = x.dim() == 4 and head_dim % 2 == 0 and cos.shape == sin.shape and cos.dim() == 4
     if not ok or cos.shape[1:] != (1, seq_len, head_dim) or cos.shape[0] not in (1, batch):
         raise ValueError(
@@ -78,10 +79,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
     return out
 
 
-@torch.library.custom_op("ftcore::rope", mutates_args=())
-def _rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+def _rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
     """x (B, H, T, D) rotated by the angles of cos, sin (B or 1, 1, T, D); by their negatives if inverse."""
     return _rotate(x, cos, sin, inverse)
+
+
+_rope_op = torch.library.custom_op("ftcore::rope", mutates_args=())(_rope_forward)
 
 
 @_rope_op.register_fake
@@ -101,9 +104,10 @@ def _backward(ctx, grad):
 
 
 _rope_op.register_autograd(_backward, setup_context=_setup_context)
+_rope = eager_twin(_rope_op, _rope_forward, _setup_context, _backward)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, n_heads, T, head_dim), cos/sin (B or 1, 1, T, head_dim) -> x * cos + rotate_half(x) * sin."""
     _check(x, cos, sin)
-    return _rope_op(x, cos, sin, False)
+    return _rope(x, cos, sin, False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ftcore.kernels.eager_twin import eager_twin
 from ftcore.kernels.fused_common import jit, tl, use_triton
 
 BLOCK = 1024  # elements per program
@@ -66,8 +67,7 @@ def _launch(kernel, *tensors: torch.Tensor) -> None:
         kernel[(-(-n // BLOCK),)](*tensors, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
-@torch.library.custom_op("ftcore::swiglu", mutates_args=())
-def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, contiguous, in the inputs' dtype."""
     if not use_triton(gate):
         return swiglu_reference(gate, up).contiguous()
@@ -75,6 +75,9 @@ def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(gate)
     _launch(_forward_kernel, gate, up, out)
     return out
+
+
+_swiglu_op = torch.library.custom_op("ftcore::swiglu", mutates_args=())(_swiglu_forward)
 
 
 @_swiglu_op.register_fake
@@ -114,9 +117,10 @@ def _backward(ctx, grad):
 
 
 _swiglu_op.register_autograd(_backward, setup_context=_setup_context)
+_swiglu = eager_twin(_swiglu_op, _swiglu_forward, _setup_context, _backward)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate, up of one shape (..., hidden) and dtype."""
     _check_shapes(gate, up)
-    return _swiglu_op(gate, up)
+    return _swiglu(gate, up)

@@ -5,7 +5,8 @@
 
 Dequantize + cuBLAS moves ~4.5 bytes per weight (0.53 NF4 in, 2 bf16 out, 2 back in); this kernel reads
 0.53. That wins while the matmul is bound by reading W (decode / generation, M up to a few hundred); at
-training M the dequantize is amortized and cuBLAS' GEMM is the faster one (`kernels.use_fused_nf4_matmul`).
+training M the dequantize is amortized and cuBLAS' GEMM is the faster one (`kernels.nf4_matmul_path`; decode
+uses `nf4_gemv_triton` instead, and this kernel runs only when forced, as measured on an H200).
 
 Exactness: a W tile holds exactly the reference's dequantized values in the dot's dtype (x's dtype):
 absmax = dynamic[q8] * nested + offset (double-quant decode, once per 64-block, no fused multiply-add:

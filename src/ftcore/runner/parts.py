@@ -89,6 +89,7 @@ def build_logger(cfg: DictConfig, output_dir: Path, is_main: bool):
 def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], list]) -> RunParts:
     """Build the run. `select_trainable(model)` freezes what must stay frozen and returns the trainable parameters."""
     settings = loop_settings(cfg)  # checks the schedule keys before anything is built
+    speed_options(cfg)  # and the speed/memory switches
     env = join_process_group(cfg)  # None in a single process, which never touches torch.distributed
     sharded = env is not None
     if cfg.get("optimizer_in_backward", False):  # refused combinations fail before the model is built

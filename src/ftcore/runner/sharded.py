@@ -21,6 +21,7 @@ from torch import nn
 
 from ftcore.config import instantiate
 from ftcore.training import atomic_write_dir
+from ftcore.training.state import check_optimizer_state_kind
 
 log = logging.getLogger("ftcore")
 
@@ -187,6 +188,7 @@ def load_one_process_optimizer_state(path: Path, optimizer: torch.optim.Optimize
     from ftcore.distributed.fsdp import shard_like
 
     saved = torch.load(path, map_location="cpu", weights_only=True)["optimizer"]
+    check_optimizer_state_kind(saved, optimizer, path.parent)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state = {}
     for index, values in saved["state"].items():

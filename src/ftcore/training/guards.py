@@ -19,7 +19,8 @@ def check_finite(loss: torch.Tensor | float, step: int) -> None:
     if not math.isfinite(value):
         raise NonFiniteLossError(
             f"loss is {value} at step {step}; stopping (the last saved checkpoint is left as it was). "
-            "Try a lower optimizer.lr, clip_grad_norm (e.g. 1.0), a longer warmup, or dtype=fp32, and "
+            "Try a lower optimizer.lr, clip_grad_norm (e.g. 1.0; not with optimizer_in_backward or "
+            "cpu_offload_adamw), a longer warmup, or dtype=fp32, and "
             "check the batch at this step for empty or corrupt examples."
         )
 

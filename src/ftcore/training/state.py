@@ -99,6 +99,7 @@ def load_training_state(
             "(pick a step_*/epoch_* folder, or drop resume_from_checkpoint)"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
+    check_optimizer_state_kind(state["optimizer"], optimizer, checkpoint_dir)
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         if state["scheduler"] is None:
@@ -107,3 +108,20 @@ def load_training_state(
     if restore_rng:
         restore_rng_state(state["rng"])
     return TrainingProgress(**state["progress"])
+
+
+def check_optimizer_state_kind(saved: dict, optimizer, checkpoint_dir) -> None:
+    """A checkpoint saved with `optimizer_in_backward: true` holds one state per parameter
+    (`per_parameter`); an ordinary optimizer cannot load it. (The other way round, the per-parameter
+    facade itself says so.)"""
+    from ftcore.training.optim_in_backward import OptimizerInBackward
+
+    if (
+        isinstance(saved, dict)
+        and "per_parameter" in saved
+        and not isinstance(optimizer, OptimizerInBackward)
+    ):
+        raise ValueError(
+            f"{checkpoint_dir} was saved with optimizer_in_backward: true (one optimizer state per "
+            "parameter); resume it with +optimizer_in_backward=true, or start without resume_from_checkpoint"
+        )

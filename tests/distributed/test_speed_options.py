@@ -1,0 +1,42 @@
+"""speed_options(cfg): the speed/memory keys read in one place and checked before anything is built."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from ftcore.distributed.parallelize import speed_options
+
+
+def test_defaults_are_all_off():
+    assert speed_options(OmegaConf.create({})) == {
+        "activation_checkpointing": False,
+        "compile": False,
+        "fused_kernels": False,
+        "activation_offloading": False,
+        "mlp_chunk_tokens": None,
+    }
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"mlp_chunk_tokens": 0}, "`mlp_chunk_tokens` must be an integer >= 1"),
+        ({"mlp_chunk_tokens": True}, "`mlp_chunk_tokens` must be an integer >= 1"),
+        ({"enable_activation_offloading": True}, "needs enable_activation_checkpointing: true"),
+    ],
+)
+def test_bad_values_are_refused_by_key(keys, message):
+    with pytest.raises(ValueError, match=message):
+        speed_options(OmegaConf.create(keys))
+
+
+def test_a_bad_value_stops_the_run_before_the_data_or_model_is_built(tmp_path):
+    from ftcore.config import load_config
+    from ftcore.runner.parts import build_parts
+
+    cfg = load_config("demo/reverse_lora")
+    cfg.output_dir, cfg.mlp_chunk_tokens = str(tmp_path), 0
+    cfg.dataset = {"_component_": "a.module.that.does.not.exist"}  # would fail if it were built first
+    with pytest.raises(ValueError, match="mlp_chunk_tokens"):
+        build_parts(cfg, select_trainable=lambda model: list(model.parameters()))
