@@ -138,14 +138,16 @@ plan_switches() {
 # ftcore eager with the fused kernels, and with offloading (memory); the long-context proxy checked at
 # full depth (64K, all 32 blocks); the GPU tests and NF4 rows changed since the switches run.
 plan_final() {
-  step "pytest -m gpu (changed)" 30 70 "${PY[@]}" -m pytest -m gpu -q -p no:cacheprovider -rs \
-    tests/gpu/test_nf4_matmul_cuda.py tests/gpu/test_activation_offload_cuda.py::test_offloading_and_chunking_lower_peak_memory_at_long_context
-  step "bench_nf4 quick" 30 80 "${PY[@]}" scripts/bench_nf4.py --quick --out "$OUT/bench_nf4.json"
+  step "pytest -m gpu (changed)" 30 80 "${PY[@]}" -m pytest -m gpu -q -p no:cacheprovider -rs tests/gpu/test_cuda.py \
+    tests/gpu/test_nf4_matmul_cuda.py tests/gpu/test_fused_kernels_cuda.py \
+    tests/gpu/test_activation_offload_cuda.py::test_offloading_and_chunking_lower_peak_memory_at_long_context
+  step "bench_nf4 quick" 30 60 "${PY[@]}" scripts/bench_nf4.py --quick --models 8B --out "$OUT/bench_nf4.json"
   vs_peer peer:lora:compile:60:100 ftcore:lora:compile:50:90 ftcore:lora:eager:20:60:--fused \
     ftcore:lora:eager:20:60:--fused,--offload
-  vs_peer peer:qlora:compile:60:100 ftcore:qlora:compile:50:90 ftcore:qlora:eager:20:60:--fused
-  vs_peer --model llama3_2_3b peer:full:compile:50:90 ftcore:full:compile:40:80 ftcore:full:eager:15:50:--fused
+  vs_peer peer:qlora:compile:60:100 ftcore:qlora:compile:50:90 \
+    ftcore:qlora:eager:20:60:--fused,--profile,$OUT/prof_qlora_fused_twin.txt
   vs_peer --bs 1 --seq 65536 ftcore:qlora:eager:50:100:--fused,--offload,--mlp-chunk,8192,--warm,1,--steps,1,--memory-cap-gib,79
+  vs_peer --model llama3_2_3b peer:full:compile:50:90 ftcore:full:compile:40:80 ftcore:full:eager:15:50:--fused
 }
 
 plan_big() {
