@@ -40,9 +40,10 @@ _NF4_MATMUL_PATHS = ("auto", "gemv", "fused", "dequant")
 # path until a kernel beats cuBLAS somewhere; docs/nf4.md has the table.
 FUSED_NF4_MAX_TOKENS = 0
 # "auto" runs the forward through the NF4 GEMV for 1..NF4_GEMV_MAX_TOKENS tokens (CUDA, bf16/fp16): it reads
-# W once as NF4 bytes, where dequantize + cuBLAS writes and rereads a bf16 copy. PROVISIONAL (not yet
-# measured): set it from scripts/bench_nf4.py's `gemv_vs_dequant` column (largest M still < 1 on every layer).
-NF4_GEMV_MAX_TOKENS = 8
+# W once as NF4 bytes, where dequantize + cuBLAS writes and rereads a bf16 copy. Measured on an H200
+# (bench_nf4.py, 2026-12-01, 8B shapes): at 1 token the GEMV took 0.61-0.88 of dequantize + cuBLAS's time
+# on every layer; at 2 tokens k/v lost (1.06), at 4 all lost. So single-token decode only.
+NF4_GEMV_MAX_TOKENS = 1
 
 __all__ = [
     "NF4Parts",
