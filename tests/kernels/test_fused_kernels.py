@@ -3,9 +3,6 @@ registrations (opcheck), the switch on a tiny Llama (reference path, AC, compile
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,26 +14,14 @@ from ftcore.kernels import fused_norm, fused_rope, fused_swiglu
 from ftcore.models.transformer import FeedForward, RMSNorm, RotaryEmbedding
 from ftcore.modules.fused import apply_fused_kernels
 from tests.kernels.fused_reference import compare_fused_model, loss_and_grads, rope_tables, tiny_models
+from tests.kernels.interpreter import run_interpreted_cases
 
 CASES = Path(__file__).with_name("fused_kernels_interpret_cases.py")
 
 
 def test_triton_kernels_match_float64_formulas_under_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        str(CASES),
-        "-p",
-        "no:cacheprovider",
-        "-W",
-        "ignore::RuntimeWarning",
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+    run_interpreted_cases(CASES, timeout_s=600)
 
 
 @pytest.mark.parametrize("weight_grad", [True, False])

@@ -4,12 +4,11 @@ interpreter: the cases in nf4_matmul_interpret_cases.py run in a fresh interpret
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.kernels.interpreter import run_interpreted_cases
 
 pytest.importorskip("triton")
 
@@ -17,17 +16,4 @@ CASES = Path(__file__).with_name("nf4_matmul_interpret_cases.py")
 
 
 def test_fused_nf4_matmul_and_dequant_variants_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        str(CASES),
-        "-p",
-        "no:cacheprovider",
-        "-W",
-        "ignore::RuntimeWarning",
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+    run_interpreted_cases(CASES)

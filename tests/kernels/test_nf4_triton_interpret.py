@@ -6,12 +6,11 @@ the cases in nf4_triton_interpret_cases.py run in a fresh interpreter with the v
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.kernels.interpreter import run_interpreted_cases
 
 pytest.importorskip("triton")
 
@@ -19,17 +18,4 @@ CASES = Path(__file__).with_name("nf4_triton_interpret_cases.py")
 
 
 def test_triton_kernels_match_reference_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        str(CASES),
-        "-p",
-        "no:cacheprovider",
-        "-W",
-        "ignore::RuntimeWarning",
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+    run_interpreted_cases(CASES)
