@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig
 
@@ -87,7 +87,9 @@ def static_declarations(path: Path) -> RecipeDeclarations | None:
             if not isinstance(keys_node, ast.Dict) or None in keys_node.keys:  # e.g. {**BASE, ...}
                 return None
             config_keys = {
-                ast.literal_eval(k): _literal_type(v) for k, v in zip(keys_node.keys, keys_node.values)
+                # no None key: checked above
+                ast.literal_eval(cast(ast.expr, k)): _literal_type(v)
+                for k, v in zip(keys_node.keys, keys_node.values)
             }
         runtime_args = ast.literal_eval(args_node) if args_node is not None else None
     except ValueError:  # built by code (a call, a name): only the imported module knows
@@ -120,6 +122,8 @@ def import_recipe(path: Path) -> ModuleType:
     if module_name in sys.modules and getattr(sys.modules[module_name], "__file__", None) == str(path):
         return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:  # a .py path (resolve_recipe) always has both
+        raise ImportError(f"cannot import the recipe file {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # dataclasses and pickling look the module up by name
     spec.loader.exec_module(module)

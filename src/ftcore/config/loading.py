@@ -10,6 +10,7 @@ Override syntax (applied in order, after the file, so they win):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -72,7 +73,7 @@ def parse_value(raw: str):
         return ""
     if raw == "None":  # Python spelling of null, as torchtune users type it
         return None
-    return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]
+    return cast(dict, OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"])))["v"]
 
 
 def _child(node, part: str):

@@ -39,7 +39,7 @@ def _simple_types(hint: Any) -> tuple[type, ...] | None:
     if origin in (typing.Union, types.UnionType):
         # In a union the author listed what is accepted: `float | Tensor` rejects the string "abc".
         # A Path member accepts a YAML string; Callable, Any, TypeVar etc. make the hint uncheckable.
-        members = []
+        members: list[type] = []
         for arg in typing.get_args(hint):
             simple = _simple_types(arg)
             if simple is None and not isinstance(arg, type):

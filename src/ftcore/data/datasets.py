@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from torch.utils.data import Dataset
 
@@ -149,7 +149,8 @@ def _sft_dataset(
     report_counts(source, len(samples), truncated, dropped)
     counts = {"skipped_rows": len(result.bad_rows), "dropped_rows": dropped, "truncated_rows": truncated}
     if packed:
-        return PackedDataset(samples, max_seq_len=max_seq_len, pad_id=tokenizer.pad_id, **counts)
+        # max_seq_len is set: checked at the top for packed=True
+        return PackedDataset(samples, max_seq_len=cast(int, max_seq_len), pad_id=tokenizer.pad_id, **counts)
     return TokenizedDataset(samples, **counts)
 
 

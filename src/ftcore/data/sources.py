@@ -81,6 +81,8 @@ def _read_file(path: Path) -> tuple[list[SourceRow], list[BadRow]]:
 
 
 def _read_jsonl(path: Path, text: str) -> tuple[list[SourceRow], list[BadRow]]:
+    rows: list[SourceRow]
+    bad: list[BadRow]
     rows, bad = [], []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

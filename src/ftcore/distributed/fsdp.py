@@ -20,6 +20,8 @@ sharding reads each tensor once and keeps only the local shard.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -70,12 +72,13 @@ def shard_model(
         options["offload_policy"] = CPUOffloadPolicy()
     from ftcore.distributed.nf4_sharding import nf4_buffers_to_parameters
 
-    nf4_layers = set(nf4_buffers_to_parameters(model))
+    nf4_layers: set[nn.Module] = set(nf4_buffers_to_parameters(model))
     # FSDP2 casts every floating parameter to param_dtype, which would round the fp32 NF4 scales:
     # then each block's NF4 layers form their own unit that gathers them as stored.
     nf4_own_unit = bool(nf4_layers) and param_dtype not in (None, torch.float32)
-    last = len(model.layers) - 1
-    for index, block in enumerate(model.layers):
+    blocks = cast(nn.ModuleList, model.layers)
+    last = len(blocks) - 1
+    for index, block in enumerate(blocks):
         # The last block's backward starts right after the forward: resharding it would only buy an
         # immediate all-gather again (torchtitan makes the same exception).
         reshard = reshard_after_forward and index < last
@@ -119,7 +122,8 @@ def install_full_tensor_load_hooks(model: nn.Module) -> None:
         sharded = any(isinstance(p, DTensor) for p in module.parameters(recurse=False))
         if sharded and not getattr(module, "_ftcore_shards_full_tensors", False):
             module.register_load_state_dict_pre_hook(_shard_full_tensors_hook)
-            module._ftcore_shards_full_tensors = True
+            # a plain marker attribute; Module.__setattr__ is typed for tensors and modules only
+            module._ftcore_shards_full_tensors = True  # type: ignore[assignment]
 
 
 def shard_like(param: DTensor, full: torch.Tensor) -> DTensor:

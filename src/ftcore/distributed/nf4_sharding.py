@@ -45,7 +45,7 @@ def nf4_buffers_to_parameters(model: nn.Module) -> list[NF4Linear]:
             delattr(layer, name)
             layer.register_parameter(name, nn.Parameter(buffer, requires_grad=False))
         # Loading calls `set_weight` with the full weight; once sharded it must keep the local shards.
-        layer.set_weight = types.MethodType(_set_weight_into_shards, layer)
+        layer.set_weight = types.MethodType(_set_weight_into_shards, layer)  # type: ignore[method-assign]  # patching the instance
         setattr(layer, _SHARDABLE, True)
     return layers
 

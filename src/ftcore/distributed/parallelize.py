@@ -8,6 +8,7 @@ blocks, as torchtitan's `parallelize_llama` orders them). Model files import no 
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     The block's own `forward` is wrapped in place (not the module), so parameter and state-dict names
     stay those of the plain model and checkpoints need no renaming.
     """
-    for block in model.layers:
+    for block in cast(nn.ModuleList, model.layers):
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
@@ -31,7 +32,7 @@ def apply_compile(model: nn.Module) -> None:
     compiled in place, so names keep no `_orig_mod.` prefix. `Module.compile()` is not used: it was
     seen to leave a block whose `forward` had been replaced uncompiled, without a warning.
     """
-    for block in model.layers:
+    for block in cast(nn.ModuleList, model.layers):
         block.forward = torch.compile(block.forward)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -60,7 +61,7 @@ def _state_units(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(prefix, module) pieces whose state dicts together make the model's, one block at a time."""
     for name, child in model.named_children():
         if name == "layers":
-            for index, block in enumerate(child):
+            for index, block in enumerate(cast(nn.ModuleList, child)):
                 yield f"layers.{index}.", block
         else:
             yield f"{name}.", child
@@ -71,7 +72,7 @@ def _full_tensor(value: torch.Tensor) -> torch.Tensor:
         return value.detach()
     if value.to_local().device.type != value.device_mesh.device_type:
         # CPU-offloaded shards: the collective runs on the mesh's device (NCCL cannot gather host memory).
-        value = value.to(value.device_mesh.device_type)
+        value = cast(DTensor, value.to(value.device_mesh.device_type))
     return value.full_tensor().detach()
 
 

@@ -25,7 +25,8 @@ from ftcore.kernels.nf4_reference import NF4Parts
 try:  # Triton is optional on CPU-only installs; the reference covers every device.
     from ftcore.kernels import nf4_gemv_triton, nf4_matmul_triton, nf4_triton
 except ImportError:  # pragma: no cover - depends on the install
-    nf4_triton = nf4_matmul_triton = nf4_gemv_triton = None
+    # an optional module: None stands for "not installed"
+    nf4_triton = nf4_matmul_triton = nf4_gemv_triton = None  # type: ignore[assignment]
 
 # How the two NF4 linear operators compute: "auto" (the rule in `nf4_matmul_path`), or forced for tests and
 # benchmarks to "gemv" (the Triton NF4 GEMV wherever it takes the call: forward, <= nf4_gemv_triton.MAX_TOKENS

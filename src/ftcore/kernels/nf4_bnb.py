@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from typing import cast
 
 import torch
 
@@ -123,11 +124,13 @@ def to_bnb_4bit_state(key: str, parts: ref.NF4Parts) -> dict[str, torch.Tensor]:
         key + ".absmax": parts.absmax,
         key + ".quant_map": ref.nf4_code(),
     }
-    if parts.double_quant:
-        out[key + ".nested_absmax"] = parts.nested_absmax
+    if parts.double_quant:  # nested_absmax and offset are both set
+        out[key + ".nested_absmax"] = cast(torch.Tensor, parts.nested_absmax)
         out[key + ".nested_quant_map"] = ref.dynamic_map()
         state.update(
-            nested_blocksize=ref.NESTED_BLOCK_SIZE, nested_dtype="float32", nested_offset=parts.offset.item()
+            nested_blocksize=ref.NESTED_BLOCK_SIZE,
+            nested_dtype="float32",
+            nested_offset=cast(torch.Tensor, parts.offset).item(),
         )
     out[key + _STATE_SUFFIX] = torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
     return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -204,7 +205,9 @@ def dequantize_absmax(parts: NF4Parts) -> torch.Tensor:
     """fp32 (n_blocks,) absmax, undoing the double quantization when there is one."""
     if not parts.double_quant:
         return parts.absmax.float()
-    return dequantize_blockwise_8bit(parts.absmax, parts.nested_absmax) + parts.offset
+    # double_quant: nested_absmax and offset are both set
+    nested_absmax, offset = cast(torch.Tensor, parts.nested_absmax), cast(torch.Tensor, parts.offset)
+    return dequantize_blockwise_8bit(parts.absmax, nested_absmax) + offset
 
 
 def dequantize_nf4(parts: NF4Parts, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -41,6 +42,8 @@ class LoraSettings:
 def _linear(in_dim: int, out_dim: int, bias: bool, use_lora: bool, lora: LoraSettings | None, quantize: bool):
     """One projection: LoRALinear when targeted, NF4Linear when only the base is quantized."""
     if use_lora:
+        if lora is None:  # the callers target a projection only when given LoRA settings
+            raise ValueError("a LoRA projection needs LoRA settings")
         from ftcore.modules.lora import LoRALinear
 
         return LoRALinear(
@@ -142,7 +145,7 @@ def lora_transformer_decoder(
     (any of q_proj, k_proj, v_proj, output_proj), optionally the MLP and the output projection.
 
     The sizes are spelled out (no **kwargs) so that config validation can name a misspelt key."""
-    sizes = dict(
+    sizes: dict[str, Any] = dict(
         vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
         hidden_dim=hidden_dim, max_seq_len=max_seq_len, rope_base=rope_base, norm_eps=norm_eps,
         tie_embeddings=tie_embeddings, qkv_bias=qkv_bias, head_dim=head_dim, rope_scaling=rope_scaling,

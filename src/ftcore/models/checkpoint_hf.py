@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import safe_open
@@ -195,8 +196,9 @@ def write_hf_checkpoint(
             config["torch_dtype"] = _DTYPE_NAMES[dtype]
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for side_file in _SIDE_FILES if side_files_from is not None else ():
-            if (side_files_from / side_file).is_file():
-                shutil.copy2(side_files_from / side_file, tmp / side_file)
+            source = cast(Path, side_files_from)  # the loop runs only when it is set
+            if (source / side_file).is_file():
+                shutil.copy2(source / side_file, tmp / side_file)
     return target
 
 

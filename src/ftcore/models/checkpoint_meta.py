@@ -80,7 +80,9 @@ def meta_params(state_dict: dict[str, torch.Tensor], n_heads: int, n_kv_heads: i
     vocab_size, dim = state_dict["tok_embeddings.weight"].shape
     hidden_dim = state_dict["layers.0.mlp.w1.weight"].shape[0]
     n_layers = len({key.split(".")[1] for key in state_dict if key.startswith("layers.")})
-    params = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size)
+    params: dict[str, int | float] = dict(
+        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size
+    )
     params["multiple_of"] = hidden_dim
     if int(8 * dim / 3) > hidden_dim:
         params["ffn_dim_multiplier"] = hidden_dim / int(8 * dim / 3)

@@ -13,7 +13,9 @@ recomputed by `reset_buffers` after materialization.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,8 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding in the "rotate half" layout: dims i and i + head_dim/2 of each head
     form one rotating pair. Angles are computed from explicit positions, so packed sequences
     (positions restarting per document) and cached generation need no precomputed table."""
+
+    inv_freq: torch.Tensor  # registered buffer
 
     def __init__(self, head_dim: int, base: float = 10_000.0, scaling: Llama3RopeScaling | None = None):
         super().__init__()
@@ -133,6 +137,9 @@ class KVCache(nn.Module):
     the decode step can be captured in a CUDA graph. The RoPE position of a token is separate
     (`input_pos`), so left-padded batches keep correct positions."""
 
+    k_cache: torch.Tensor  # registered buffers
+    v_cache: torch.Tensor
+
     def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
@@ -195,6 +202,8 @@ class Attention(nn.Module):
         q, k = self.rope(q, input_pos), self.rope(k, input_pos)
 
         if self.kv_cache is not None:
+            if cache_pos is None or mask is None:  # TransformerDecoder.hidden always passes both
+                raise ValueError("Attention with a KV cache needs cache_pos and mask")
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, n_kv_heads, S_cache, head_dim)
             out = self._grouped_attention(q, k, v, mask)
         else:
@@ -258,8 +267,35 @@ class TransformerBlock(nn.Module):
         return h + self.mlp(self.mlp_norm(h))
 
 
+if TYPE_CHECKING:
+
+    class _Blocks(nn.ModuleList):
+        """For the type checker only: `TransformerDecoder.layers` is an nn.ModuleList of TransformerBlocks."""
+
+        @overload
+        def __getitem__(self, idx: slice) -> nn.ModuleList: ...
+        @overload
+        def __getitem__(self, idx: int) -> TransformerBlock: ...
+        def __getitem__(self, idx: int | slice) -> TransformerBlock | nn.ModuleList: ...
+        def __iter__(self) -> Iterator[TransformerBlock]: ...
+
+    class _NF4Init(Protocol):
+        """What `init_weights` uses of an NF4Linear (found by its `set_weight`)."""
+
+        weight_packed: torch.Tensor
+        out_dim: int
+        in_dim: int
+
+        def set_weight(self, weight: torch.Tensor) -> None: ...
+
+    class _LoRAInit(Protocol):
+        def reset_lora_parameters(self) -> None: ...
+
+
 class TransformerDecoder(nn.Module):
     """The decoder. `output=None` ties the output projection to the token embedding."""
+
+    layers: _Blocks
 
     def __init__(
         self,
@@ -271,7 +307,7 @@ class TransformerDecoder(nn.Module):
     ):
         super().__init__()
         self.tok_embeddings = tok_embeddings
-        self.layers = nn.ModuleList(layers)
+        self.layers = cast("_Blocks", nn.ModuleList(layers))
         self.norm = norm
         self.output = output
         self.max_seq_len = max_seq_len
@@ -285,7 +321,7 @@ class TransformerDecoder(nn.Module):
     @property
     def output_weight(self) -> torch.Tensor:
         """The (vocab, dim) output projection weight (the embedding when tied), for chunked losses."""
-        return self.tok_embeddings.weight if self.output is None else self.output.weight
+        return self.tok_embeddings.weight if self.output is None else cast(torch.Tensor, self.output.weight)
 
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype, device) -> None:
         for layer in self.layers:
@@ -314,6 +350,8 @@ class TransformerDecoder(nn.Module):
         query slot p sees slots <= p. The bool mask becomes additive (0 / -inf) once per forward,
         not once per layer inside attention."""
         cache = self.layers[0].attn.kv_cache
+        if cache is None:  # called only when caches_are_enabled()
+            raise ValueError("no KV cache: call setup_cache first")
         seq_len, cache_len = tokens.shape[1], cache.max_seq_len
         if cache_pos is None:
             if self._next_slot + seq_len > cache_len:
@@ -359,11 +397,12 @@ class TransformerDecoder(nn.Module):
         return logits.float()
 
 
-def _share_angle_memos(layers) -> None:
+def _share_angle_memos(layers: _Blocks) -> None:
     """Let every layer's rope reuse the angles the first computed, when their settings are equal."""
     first = layers[0].attn.rope if len(layers) else None
     for layer in layers:
         rope = layer.attn.rope
+        assert first is not None  # the loop runs only when there is a first layer
         if (rope.head_dim, rope.base, rope.scaling) == (first.head_dim, first.base, first.scaling):
             rope.angle_memo = first.angle_memo
 
@@ -388,14 +427,15 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
                 module.reset_parameters()
             elif hasattr(module, "set_weight"):  # NF4Linear: quantize a random float weight
                 # drawn on the module's device: an 8B model's worth of CPU randn took minutes
-                device = module.weight_packed.device
-                module.set_weight(torch.randn(module.out_dim, module.in_dim, device=device) * std)
+                nf4 = cast("_NF4Init", module)
+                device = nf4.weight_packed.device
+                nf4.set_weight(torch.randn(nf4.out_dim, nf4.in_dim, device=device) * std)
             elif isinstance(getattr(module, "weight", None), nn.Parameter):  # LoRALinear's float base
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                nn.init.normal_(cast(nn.Parameter, module.weight), mean=0.0, std=std)
             if isinstance(getattr(module, "bias", None), nn.Parameter):
-                nn.init.zeros_(module.bias)
+                nn.init.zeros_(cast(nn.Parameter, module.bias))
         # after the pass above, which also touched the adapters' inner nn.Linear layers
         for module in model.modules():
             if hasattr(module, "reset_lora_parameters"):
-                module.reset_lora_parameters()
+                cast("_LoRAInit", module).reset_lora_parameters()
     reset_buffers(model)

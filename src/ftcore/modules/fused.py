@@ -10,6 +10,7 @@ Apply it before activation checkpointing and compile (`parallelize(..., fused_ke
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ def _rotary_forward(self: RotaryEmbedding, x: torch.Tensor, input_pos: torch.Ten
     return rope(x, cos, sin)
 
 
-_FUSED_FORWARDS = {
+_FUSED_FORWARDS: dict[type[nn.Module], Callable[..., torch.Tensor]] = {
     RMSNorm: _rms_norm_forward,
     FeedForward: _feed_forward_forward,
     RotaryEmbedding: _rotary_forward,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +102,8 @@ class LoRALinear(nn.Module):
         """Set m = ||W0 + s B A||_row. Call after the base weight is loaded (and after B is set)."""
         if not self.use_dora:
             raise ValueError("initialize_dora_magnitude() needs a LoRALinear built with use_dora=True")
-        self.magnitude.copy_(self._adapted_weight().norm(p=2, dim=1).to(self.magnitude.dtype))
+        magnitude = cast(nn.Parameter, self.magnitude)  # set with use_dora
+        magnitude.copy_(self._adapted_weight().norm(p=2, dim=1).to(magnitude.dtype))
 
     def base_weight(self) -> torch.Tensor:
         """The frozen weight W0 (out, in) as a plain tensor (dequantized when stored in NF4)."""
@@ -139,7 +141,8 @@ class LoRALinear(nn.Module):
         base = self.base_weight()
         weight = self._adapted_weight()
         if self.use_dora:
-            weight = (self.magnitude.float() / weight.norm(p=2, dim=1)).unsqueeze(1) * weight
+            magnitude = cast(nn.Parameter, self.magnitude)  # set with use_dora
+            weight = (magnitude.float() / weight.norm(p=2, dim=1)).unsqueeze(1) * weight
         return weight.to(base.dtype)
 
     @torch.no_grad()
@@ -164,7 +167,10 @@ class LoRALinear(nn.Module):
             return
         weight = self.weight.float()
         if self.use_dora:
-            weight = weight * (self._dora_merge_norm / self.magnitude.float()).unsqueeze(1)
+            # both set with use_dora, the norm by merge()
+            merge_norm = cast(torch.Tensor, self._dora_merge_norm)
+            magnitude = cast(nn.Parameter, self.magnitude)
+            weight = weight * (merge_norm / magnitude.float()).unsqueeze(1)
             self._dora_merge_norm = None
         self.weight.copy_((weight - self._lora_delta()).to(self.weight.dtype))
         self.merged = False

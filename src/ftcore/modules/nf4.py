@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -49,7 +51,7 @@ class NF4Weight(NF4Parts):
         return kernels.dequantize_nf4(self, dtype)
 
     def to(self, device: torch.device | str) -> NF4Weight:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        move: Callable[[torch.Tensor | None], Any] = lambda t: None if t is None else t.to(device)  # noqa: E731
         return NF4Weight(
             move(self.packed), move(self.absmax), move(self.nested_absmax), move(self.offset),
             self.shape, self.dtype, self.block_size,
@@ -109,6 +111,11 @@ class NF4Linear(nn.Module):
     weight_offset fp32 (). Loading a float `weight` quantizes it; `dtype` is the compute/save dtype.
     """
 
+    weight_packed: torch.Tensor  # registered buffers (parameters once sharded: nf4_sharding)
+    weight_absmax: torch.Tensor
+    weight_nested_absmax: torch.Tensor
+    weight_offset: torch.Tensor
+
     def __init__(self, in_dim: int, out_dim: int, bias: bool = False, device=None, dtype=torch.bfloat16):
         super().__init__()
         self.in_dim, self.out_dim, self.dtype = in_dim, out_dim, dtype
@@ -140,7 +147,7 @@ class NF4Linear(nn.Module):
                 _BUFFERS, (weight.packed, weight.absmax, weight.nested_absmax, weight.offset)
             ):
                 buffer = getattr(self, name)
-                buffer.copy_(value.reshape(buffer.shape))
+                buffer.copy_(cast(torch.Tensor, value).reshape(buffer.shape))  # double_quant: all set
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nf4_linear(x, self.weight_nf4, self.bias)

@@ -10,6 +10,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,9 @@ from ftcore.training import (
 )
 from ftcore.training.checkpoint_io import STATE_FILE
 from ftcore.training.loggers import drop_records_after
+
+if TYPE_CHECKING:
+    from ftcore.training.state import HasStateDict
 
 log = logging.getLogger("ftcore")
 
@@ -214,7 +218,7 @@ class FinetuneSession:
                     {k: v.detach().contiguous().cpu() for k, v in trainable.items()},
                     str(folder / TRAINABLE_FILE),
                 )
-            optimizer = p.optimizer
+            optimizer: HasStateDict = p.optimizer
             if p.sharded:
                 from ftcore.distributed.state import save_training_state as save_sharded_state
 

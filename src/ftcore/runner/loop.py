@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ftcore.training import EarlyStopping, ProgressBar, TrainingProgress, accumulate_gradients, check_finite
 from ftcore.training.accumulation import count_trained_tokens
 
-LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -174,6 +174,8 @@ class TrainLoop:
 
     def run_evaluation(self) -> None:
         """Evaluate; keep the best checkpoint by `val_loss`; stop after `patience` evaluations without gain."""
+        if self.evaluate is None:  # callers check `self.evaluate` first
+            raise ValueError("run_evaluation needs an `evaluate` function: TrainLoop(..., evaluate=...)")
         metrics = self.evaluate()
         self.last_eval_step = self.progress.step
         self._log(dict(metrics))

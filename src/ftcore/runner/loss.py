@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ftcore.modules.lora import LoRALinear
 from ftcore.modules.loss import chunked_cross_entropy_sum, cross_entropy_sum
+
+if TYPE_CHECKING:
+    from ftcore.models.transformer import TransformerDecoder
 
 
 class LanguageModelLoss:
@@ -21,7 +26,7 @@ class LanguageModelLoss:
             raise ValueError(f"loss.chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size, self.ignore_index = chunk_size, ignore_index
 
-    def __call__(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, model: TransformerDecoder, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = model.hidden(batch["tokens"], input_pos=batch.get("input_pos"), mask=batch.get("mask"))
         labels = batch["labels"]
         if isinstance(model.output, LoRALinear):

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
@@ -21,6 +22,11 @@ from ftcore.runner.loop import LoopSettings
 from ftcore.runner.setup import build_loader, build_model, resolve_device, resolve_dtype, seed_everything
 from ftcore.runner.sharded import build_sharded_model, join_process_group, main_rank_first
 from ftcore.training.optim_in_backward import OptimizerInBackward, check_optimizer_in_backward
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from ftcore.training.loggers import MetricLogger
 
 log = logging.getLogger("ftcore")
 
@@ -39,10 +45,10 @@ class RunParts:
     model: torch.nn.Module
     train_loader: object
     train_sampler: object
-    val_loader: object | None
+    val_loader: DataLoader | None
     optimizer: torch.optim.Optimizer
-    scheduler: object | None
-    logger: object
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    logger: MetricLogger
     loss_fn: Callable
     settings: LoopSettings
 

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -43,13 +44,13 @@ def fsdp_options(node: DictConfig | None) -> FSDPOptions:
     """Read the optional `fsdp:` config node, e.g. `{reshard_after_forward: true, reduce_dtype: fp32}`."""
     from ftcore.runner.setup import resolve_dtype
 
-    node = dict(node or {})
-    if unknown := sorted(set(node) - set(_FSDP_KEYS)):
+    values = cast("dict[str, Any]", dict(node or {}))
+    if unknown := sorted(set(values) - set(_FSDP_KEYS)):
         raise ValueError(f"config key `fsdp` has unknown key(s) {unknown}; use any of {list(_FSDP_KEYS)}")
     for key in ("param_dtype", "reduce_dtype"):
-        if node.get(key) is not None:
-            node[key] = resolve_dtype(node[key], torch.device("cpu"))
-    return FSDPOptions(**node)
+        if values.get(key) is not None:
+            values[key] = resolve_dtype(values[key], torch.device("cpu"))
+    return FSDPOptions(**values)
 
 
 def join_process_group(cfg: DictConfig):
@@ -144,7 +145,7 @@ def _draw_adapters_as_full_tensors(model: nn.Module) -> None:
 
     for _, module in lora_modules(model):
         full = _FullAdapter(module.in_dim, module.out_dim, module.rank)
-        LoRALinear.reset_lora_parameters(full)
+        LoRALinear.reset_lora_parameters(cast(LoRALinear, full))  # duck-typed: it touches lora_a/lora_b only
         # The shard_model load hooks cut each full tensor to this rank's shard.
         module.load_state_dict(full.state_dict(), strict=False)
 
@@ -161,7 +162,7 @@ def shared_atomic_dir(final_dir: Path, sharded: bool) -> Iterator[Path]:
     with contextlib.ExitStack() as stack:
         name = [str(stack.enter_context(atomic_write_dir(final_dir)))] if dist.get_rank() == 0 else [None]
         dist.broadcast_object_list(name, src=0)
-        yield Path(name[0])
+        yield Path(cast(str, name[0]))  # rank 0's folder name, broadcast to all
         dist.barrier()  # every rank's files are in place before rank 0 renames the folder
     dist.barrier()  # and the final folder exists before anyone reads or prunes it
 

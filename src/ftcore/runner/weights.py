@@ -4,10 +4,14 @@ write one, else ftcore's own names in a single safetensors file (random-init and
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from ftcore.models import TransformerDecoder
 
 NATIVE_FILE = "ftcore_model.safetensors"
 
@@ -32,4 +36,4 @@ def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
         return
     from ftcore.models import HFCheckpointer
 
-    HFCheckpointer(checkpoint_dir=str(folder)).load_into(model)
+    HFCheckpointer(checkpoint_dir=str(folder)).load_into(cast("TransformerDecoder", model))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
+from typing import cast
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ class OffloadChain:
     """The blocks of one model in forward order: the newest host input, for the next block to link to,
     and the side stream the copies run on (made on first use, on the inputs' GPU)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.newest: weakref.ref | None = None
         self._stream: torch.cuda.Stream | None = None
 
@@ -167,5 +168,6 @@ def apply_activation_offloading(model: nn.Module) -> None:
     The block's own `forward` is wrapped in place (as `apply_activation_checkpointing` does), so
     parameter and state-dict names are unchanged."""
     chain = OffloadChain()
-    for index, block in enumerate(model.layers):
-        block.forward = functools.partial(offloaded_checkpoint, block.forward, chain, index)
+    for index, block in enumerate(cast(nn.ModuleList, model.layers)):
+        # monkey-patching the instance's forward
+        block.forward = functools.partial(offloaded_checkpoint, block.forward, chain, index)  # type: ignore[method-assign]

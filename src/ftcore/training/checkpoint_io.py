@@ -35,7 +35,7 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def atomic_write_file(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write_file(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call write(tmp_path), fsync it, and move it onto `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

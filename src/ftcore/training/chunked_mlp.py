@@ -44,4 +44,5 @@ def apply_mlp_chunking(model: nn.Module, chunk_tokens: int) -> None:
         )
     for module in model.modules():
         if isinstance(module, FeedForward):
-            module.forward = functools.partial(chunked_mlp_forward, module.forward, chunk_tokens)
+            # monkey-patching the instance's forward
+            module.forward = functools.partial(chunked_mlp_forward, module.forward, chunk_tokens)  # type: ignore[method-assign]

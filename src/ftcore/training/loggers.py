@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO, cast
 
 
 def _plain(value: Any) -> Any:
@@ -26,6 +26,14 @@ def _plain(value: Any) -> Any:
 
 def _format(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+class MetricLogger(Protocol):
+    """What the training loop logs to (every logger here)."""
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class StdoutLogger:
@@ -49,7 +57,7 @@ class JSONLLogger:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        record = {"step": int(step)}
+        record: dict[str, Any] = {"step": int(step)}
         for key, value in metrics.items():
             value = _plain(value)
             # JSON has no NaN/Inf; write them as strings rather than produce an unreadable line.
@@ -97,7 +105,12 @@ class WandBLogger:
         if dir is not None:
             Path(dir).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
-            project=project, mode=mode, name=name, dir=dir, config=dict(config or {}), **init_kwargs
+            project=project,
+            mode=cast(Any, mode),
+            name=name,
+            dir=dir,
+            config=dict(config or {}),
+            **init_kwargs,
         )
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:

@@ -7,6 +7,7 @@ Config: `optimizer: {_component_: ftcore.training.adamw, lr: 2e-4, weight_decay:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 
@@ -20,7 +21,7 @@ def _as_list(params: Iterable) -> list:
 
 def _all_tensors(params: list) -> list[torch.Tensor]:
     # params is either tensors or param groups (dicts with "params").
-    tensors = []
+    tensors: list[torch.Tensor] = []
     for item in params:
         tensors.extend(item["params"] if isinstance(item, dict) else [item])
     return tensors
@@ -39,7 +40,12 @@ def adamw(
     if fused is None:
         fused = all(t.device.type == "cuda" for t in _all_tensors(params))
     return torch.optim.AdamW(
-        params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused
+        params,
+        lr=lr,
+        betas=cast("tuple[float, float]", tuple(betas)),
+        eps=eps,
+        weight_decay=weight_decay,
+        fused=fused,
     )
 
 

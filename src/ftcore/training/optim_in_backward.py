@@ -17,7 +17,8 @@ per-parameter optimizers' own group dicts (so an LR scheduler's changes reach ev
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import cast
 
 import torch
 
@@ -52,14 +53,15 @@ class GradNormTracker:
     gradient grows (gradient accumulation), so the norm is that of the final gradients.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter]):
+    def __init__(self, params: Iterable[torch.Tensor]):
         self._norms: dict[int, torch.Tensor] = {}
         for param in params:
             param.register_post_accumulate_grad_hook(self._record)
 
     def _record(self, param: torch.Tensor) -> None:
         # Kept on the device, a 0-d tensor per parameter: no host sync inside the backward.
-        self._norms[id(param)] = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32)
+        grad = cast(torch.Tensor, param.grad)  # set: the hook runs after accumulating into it
+        self._norms[id(param)] = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32)
 
     def take(self) -> float:
         """The norm of the gradients seen since the last call (0.0 for none), as clip_grad_norm_ computes
@@ -102,13 +104,13 @@ class OptimizerInBackward(torch.optim.Optimizer):
 
         return step_and_free
 
-    @property
-    def param_groups(self) -> list[dict]:
+    @property  # a read-only view; torch declares a plain attribute, which a property cannot override
+    def param_groups(self) -> list[dict]:  # type: ignore[override]
         # Looked up afresh each time: load_state_dict replaces each optimizer's group dicts.
         return [group for optimizer in self.optimizers for group in optimizer.param_groups]
 
-    @property
-    def state(self) -> dict:
+    @property  # a read-only view, as param_groups (a dict, not torch's defaultdict)
+    def state(self) -> dict:  # type: ignore[override]
         return {param: optimizer.state[param] for param, optimizer in zip(self._params, self.optimizers)}
 
     def take_grad_norm(self) -> float:

@@ -9,6 +9,7 @@ PEFT scales by lora_alpha / r, as LoRALinear does, so the numbers are copied unc
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -29,13 +30,13 @@ def hf_module_path(ftcore_module: str) -> str:
 
 def peft_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors of `model` under PEFT's names, as contiguous CPU tensors."""
-    state = {}
+    state: dict[str, torch.Tensor] = {}
     for name, module in lora_modules(model):
         prefix = f"base_model.model.{hf_module_path(name)}"
         state[f"{prefix}.lora_A.weight"] = module.lora_a.weight
         state[f"{prefix}.lora_B.weight"] = module.lora_b.weight
-        if module.use_dora:
-            state[f"{prefix}.lora_magnitude_vector"] = module.magnitude
+        if module.use_dora:  # then the magnitude is set
+            state[f"{prefix}.lora_magnitude_vector"] = cast(nn.Parameter, module.magnitude)
     if not state:
         raise ValueError(
             "save_peft_adapter: the model has no LoRALinear layers (was it built with a lora_* builder?)"

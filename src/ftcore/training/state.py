@@ -11,12 +11,21 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
 
 from ftcore.training.checkpoint_io import STATE_FILE, STATE_SUMMARY, atomic_torch_save, atomic_write_json
+
+
+class HasStateDict(Protocol):
+    """What a training state saves and restores: an optimizer, or a stand-in whose state is kept elsewhere
+    (ftcore.runner.sharded.OptimizerStateInDCP)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any], /) -> None: ...
 
 
 @dataclass
@@ -29,7 +38,8 @@ class TrainingProgress:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    numpy_state = np.random.get_state()
+    # legacy=True (the default): the MT19937 tuple, never the dict form
+    numpy_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -66,7 +76,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def save_training_state(
     checkpoint_dir: str | Path,
     *,
-    optimizer: torch.optim.Optimizer,
+    optimizer: HasStateDict,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     progress: TrainingProgress,
 ) -> Path:
@@ -87,7 +97,7 @@ def save_training_state(
 def load_training_state(
     checkpoint_dir: str | Path,
     *,
-    optimizer: torch.optim.Optimizer,
+    optimizer: HasStateDict,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     restore_rng: bool = True,
 ) -> TrainingProgress:

@@ -10,6 +10,16 @@ from typing import Protocol, runtime_checkable
 from ftcore.data.messages import Message
 
 
+class MessageLike(Protocol):
+    """What `concat_messages` reads of a message: a Message, or a plain stand-in with these fields."""
+
+    @property
+    def content(self) -> str: ...
+
+    @property
+    def masked(self) -> bool: ...
+
+
 @runtime_checkable
 class Tokenizer(Protocol):
     """The tokenizer contract. In `tokenize_messages`' mask, True = the token is NOT trained on."""
@@ -93,7 +103,7 @@ def check_ids(ids: Sequence[int], vocab_size: int, name: str) -> list[int]:
 
 
 def concat_messages(
-    encode: Callable[..., list[int]], bos_id: int, eos_id: int, messages: Sequence[Message], add_eos: bool
+    encode: Callable[..., list[int]], bos_id: int, eos_id: int, messages: Sequence[MessageLike], add_eos: bool
 ) -> tuple[list[int], list[bool]]:
     """Chat without a template: BOS, then each message's content encoded on its own (so each starts a
     new word), then EOS. mask[i] True = not trained: BOS, and every token of a `masked` message; the
