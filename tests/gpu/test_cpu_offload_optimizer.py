@@ -126,7 +126,7 @@ def adamw_run(tmp_path_factory):
     "switch",
     [
         ["optimizer._component_=ftcore.training.cpu_offload_adamw"],
-        ["optimizer._component_=ftcore.training.adamw", "+optimizer_in_backward=true"],
+        ["optimizer._component_=ftcore.training.adamw", "optimizer_in_backward=true"],
     ],
     ids=["cpu_offload_adamw", "optimizer_in_backward"],
 )

@@ -35,7 +35,7 @@ def _run(recipe: str, output_dir, *overrides: str) -> dict[int, dict]:
 @pytest.mark.parametrize("recipe", list(CONFIGS))
 def test_same_weights_losses_and_grad_norms_as_the_ordinary_step(tmp_path, recipe):
     expected = _run(recipe, tmp_path / "ordinary")
-    actual = _run(recipe, tmp_path / "in_backward", "+optimizer_in_backward=true")
+    actual = _run(recipe, tmp_path / "in_backward", "optimizer_in_backward=true")
     assert sorted(actual) == list(range(1, 7)) and expected[1]["lr"] == 0.0 < expected[3]["lr"]
     for step, metrics in expected.items():
         assert actual[step]["lr"] == metrics["lr"], step
@@ -49,7 +49,7 @@ def test_same_weights_losses_and_grad_norms_as_the_ordinary_step(tmp_path, recip
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
-    on = "+optimizer_in_backward=true"
+    on = "optimizer_in_backward=true"
     straight = _run("full_finetune", tmp_path / "straight", on)
     # The second run starts from the first one's step-3 checkpoint, optimizer and schedule included.
     source = tmp_path / "straight" / "step_000003"
@@ -70,7 +70,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     ],
 )
 def test_settings_that_need_all_gradients_are_refused_before_training(tmp_path, override, key):
-    cfg = demo_config("demo/reverse_full", tmp_path, *SMALL, "+optimizer_in_backward=true", override)
+    cfg = demo_config("demo/reverse_full", tmp_path, *SMALL, "optimizer_in_backward=true", override)
     with pytest.raises(ValueError, match=f"{key}=") as error:
         run("full_finetune", cfg)
     assert "optimizer_in_backward=false" in str(error.value)
@@ -84,7 +84,7 @@ def test_resuming_an_ordinary_checkpoint_with_the_switch_on_is_refused(tmp_path)
         _run(
             "full_finetune",
             tmp_path / "other",
-            "+optimizer_in_backward=true",
+            "optimizer_in_backward=true",
             f"resume_from_checkpoint={source}",
         )
 
@@ -96,7 +96,7 @@ def test_two_processes_are_refused_with_the_fix(tmp_path):
 
     command = ftcore_run_command("--nproc_per_node", "2", "--master_port", str(_free_port()),
                "full_finetune", "--config", "demo/reverse_full", f"output_dir={tmp_path}", *DISTRIBUTED_SMALL,
-               "batch_size=4", "clip_grad_norm=null", "+optimizer_in_backward=true")  # fmt: skip
+               "batch_size=4", "clip_grad_norm=null", "optimizer_in_backward=true")  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode != 0

@@ -133,5 +133,5 @@ def check_optimizer_state_kind(saved: dict, optimizer, checkpoint_dir) -> None:
     ):
         raise ValueError(
             f"{checkpoint_dir} was saved with optimizer_in_backward: true (one optimizer state per "
-            "parameter); resume it with +optimizer_in_backward=true, or start without resume_from_checkpoint"
+            "parameter); resume it with optimizer_in_backward=true, or start without resume_from_checkpoint"
         )
