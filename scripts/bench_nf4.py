@@ -290,21 +290,29 @@ def fused_sweep(parts, a: torch.Tensor, grad_input: bool) -> dict:
     return {"best_cfg": best, "best_ms": timings[best], "sweep_ms": timings}
 
 
-def fused_row(shape: tuple[int, int], m: int, train: bool, sweep: bool) -> dict:
-    """Forward (and with `train` forward + grad-input) at m tokens: bf16, dequantize + cuBLAS, fused."""
+def forward_row(shape: tuple[int, int], m: int, path: str, ms_key: str, pick_config) -> tuple:
+    """One (out, in) bf16 weight in NF4 and m tokens, timed forward as bf16 `F.linear`, dequantize + cuBLAS
+    and the forced `path`; returns (row, parts, x, the forced forward): the row's keys are the `path`-prefixed ones."""
     out_dim, in_dim = shape
     w = (torch.randn(shape, device="cuda") * 0.02).bfloat16()
     parts = to_nf4(w)
     x = torch.randn(m, in_dim, device="cuda", dtype=torch.bfloat16)
-    fused, dequant = (
-        forced("fused", lambda: nf4_linear(x, parts)),
+    kernel, dequant = (
+        forced(path, lambda: nf4_linear(x, parts)),
         forced("dequant", lambda: nf4_linear(x, parts)),
     )
-    row = {"tokens": m, "fused_cfg": ",".join(map(str, nf4_matmul_triton.pick_config(m, out_dim, in_dim, x.device))),
+    row = {"tokens": m, f"{path}_cfg": ",".join(map(str, pick_config(m, out_dim, in_dim, x.device))),
            "bf16_fwd_ms": device_ms(lambda: F.linear(x, w)), "dequant_fwd_ms": device_ms(dequant),
-           "fused_fwd_ms": device_ms(fused), "fused_max_abs_diff": (fused() - dequant()).abs().max().item()}  # fmt: skip
-    row["fused_vs_bf16"] = row["fused_fwd_ms"] / row["bf16_fwd_ms"]
-    row["fused_vs_dequant"] = row["fused_fwd_ms"] / row["dequant_fwd_ms"]
+           ms_key: device_ms(kernel), f"{path}_max_abs_diff": (kernel() - dequant()).abs().max().item()}  # fmt: skip
+    row[f"{path}_vs_bf16"] = row[ms_key] / row["bf16_fwd_ms"]
+    row[f"{path}_vs_dequant"] = row[ms_key] / row["dequant_fwd_ms"]
+    return row, parts, x, kernel
+
+
+def fused_row(shape: tuple[int, int], m: int, train: bool, sweep: bool) -> dict:
+    """Forward (and with `train` forward + grad-input) at m tokens: bf16, dequantize + cuBLAS, fused."""
+    out_dim, in_dim = shape
+    row, parts, x, _ = forward_row(shape, m, "fused", "fused_fwd_ms", nf4_matmul_triton.pick_config)
     if sweep:
         row["fused_sweep"] = fused_sweep(parts, x, grad_input=False)
     if train:
@@ -361,19 +369,7 @@ def gemv_sweep(parts, x: torch.Tensor) -> dict:
 
 def gemv_row(shape: tuple[int, int], m: int, sweep: bool) -> dict:
     """Forward at m tokens: bf16 F.linear, dequantize + cuBLAS, the NF4 GEMV (default config, then swept)."""
-    out_dim, in_dim = shape
-    w = (torch.randn(shape, device="cuda") * 0.02).bfloat16()
-    parts = to_nf4(w)
-    x = torch.randn(m, in_dim, device="cuda", dtype=torch.bfloat16)
-    gemv, dequant = (
-        forced("gemv", lambda: nf4_linear(x, parts)),
-        forced("dequant", lambda: nf4_linear(x, parts)),
-    )
-    row = {"tokens": m, "gemv_cfg": ",".join(map(str, nf4_gemv_triton.pick_gemv_config(m, out_dim, in_dim, x.device))),
-           "bf16_fwd_ms": device_ms(lambda: F.linear(x, w)), "dequant_fwd_ms": device_ms(dequant),
-           "gemv_ms": device_ms(gemv), "gemv_max_abs_diff": (gemv() - dequant()).abs().max().item()}  # fmt: skip
-    row["gemv_vs_bf16"] = row["gemv_ms"] / row["bf16_fwd_ms"]
-    row["gemv_vs_dequant"] = row["gemv_ms"] / row["dequant_fwd_ms"]
+    row, parts, x, gemv = forward_row(shape, m, "gemv", "gemv_ms", nf4_gemv_triton.pick_gemv_config)
     row["gemv_GBps"] = (
         sum(t.numel() * t.element_size() for t in (parts.packed, parts.absmax)) / row["gemv_ms"] / 1e6
     )

@@ -17,16 +17,13 @@ from __future__ import annotations
 import torch
 from torchao.optim import CPUOffloadOptimizer
 
+from ftcore.training.optim import _all_tensors
 from ftcore.training.optim_in_backward import GradNormTracker
-
-
-def _tensors(params: list) -> list[torch.Tensor]:
-    return [t for item in params for t in (item["params"] if isinstance(item, dict) else [item])]
 
 
 class CPUOffloadAdamW(CPUOffloadOptimizer):
     def __init__(self, params: list, *, offload_gradients: bool, minimal_size: int, **adamw_kwargs):
-        tensors = [t for t in _tensors(params) if t.requires_grad]
+        tensors = [t for t in _all_tensors(params) if t.requires_grad]
         if not torch.cuda.is_available() or any(t.device.type != "cuda" for t in tensors):
             raise ValueError(
                 "optimizer ftcore.training.cpu_offload_adamw needs the model on a CUDA GPU (it moves the "
