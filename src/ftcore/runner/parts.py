@@ -95,7 +95,7 @@ def build_logger(cfg: DictConfig, output_dir: Path, is_main: bool):
 def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], list]) -> RunParts:
     """Build the run. `select_trainable(model)` freezes what must stay frozen and returns the trainable parameters."""
     settings = loop_settings(cfg)  # checks the schedule keys before anything is built
-    speed_options(cfg)  # and the speed/memory switches
+    options = speed_options(cfg)  # and the speed/memory switches
     env = join_process_group(cfg)  # None in a single process, which never touches torch.distributed
     sharded = env is not None
     if cfg.get("optimizer_in_backward", False):  # refused combinations fail before the model is built
@@ -138,7 +138,7 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
         model = build_model(cfg.model, device, dtype, checkpointer)
         _check_vocab(tokenizer, model)
         trainable = select_trainable(model)
-        parallelize(model, **speed_options(cfg))
+        parallelize(model, **options)
 
     optimizer = _build_optimizer(cfg, trainable, settings, sharded)
     total_steps = settings.total_steps(len(train_loader))
