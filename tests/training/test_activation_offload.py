@@ -182,7 +182,7 @@ def test_offloading_needs_activation_checkpointing():
 
 @pytest.mark.parametrize("bad", [0, -3, True, 2.5])
 def test_mlp_chunk_tokens_must_be_a_positive_integer(bad):
-    with pytest.raises(ValueError, match="mlp_chunk_tokens must be an integer >= 1"):
+    with pytest.raises(ValueError, match="`mlp_chunk_tokens` must be an integer >= 1"):
         parallelize(build("lora"), mlp_chunk_tokens=bad)
 
 

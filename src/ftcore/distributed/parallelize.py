@@ -59,11 +59,10 @@ def speed_options(cfg) -> dict:
     }
     if options["activation_offloading"]:
         _check_offloading(options["activation_checkpointing"])
-    chunk = options["mlp_chunk_tokens"]
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(
-            f"config key `mlp_chunk_tokens` must be an integer >= 1 or null (no chunking), got {chunk!r}"
-        )
+    if options["mlp_chunk_tokens"] is not None:
+        from ftcore.training.chunked_mlp import check_chunk_tokens
+
+        check_chunk_tokens(options["mlp_chunk_tokens"])
     return options
 
 

@@ -32,16 +32,21 @@ def chunked_mlp_forward(mlp_forward, chunk_tokens: int, x: torch.Tensor) -> torc
     return torch.cat(outputs).view(*x.shape[:-1], -1)  # (N, dim_out) -> (..., dim_out)
 
 
+def check_chunk_tokens(chunk_tokens) -> None:
+    """The `mlp_chunk_tokens` value: an integer >= 1 (None, no chunking, is the caller's to skip)."""
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(
+            f"config key `mlp_chunk_tokens` must be an integer >= 1 (or null for no chunking), got {chunk_tokens!r}"
+        )
+
+
 def apply_mlp_chunking(model: nn.Module, chunk_tokens: int) -> None:
     """Make every FeedForward of `model` process its input `chunk_tokens` tokens at a time.
 
     Each module's own `forward` is replaced in place, so names and state dicts are unchanged."""
     from ftcore.models.transformer import FeedForward
 
-    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-        raise ValueError(
-            f"mlp_chunk_tokens must be an integer >= 1 (or null for no chunking), got {chunk_tokens!r}"
-        )
+    check_chunk_tokens(chunk_tokens)
     for module in model.modules():
         if isinstance(module, FeedForward):
             # monkey-patching the instance's forward
