@@ -4,9 +4,9 @@
     nf4_matmul_grad_input(g, parts)  g (M, N) @ W           -> (M, K)
 
 Dequantize + cuBLAS moves ~4.5 bytes per weight (0.53 NF4 in, 2 bf16 out, 2 back in); this kernel reads
-0.53. That wins while the matmul is bound by reading W (decode / generation, M up to a few hundred); at
-training M the dequantize is amortized and cuBLAS' GEMM is the faster one (`kernels.nf4_matmul_path`; decode
-uses `nf4_gemv_triton` instead, and this kernel runs only when forced, as measured on an H200).
+0.53, so it was meant to win while reading W bounds the matmul (decode, small batches). Measured on an H200
+it did not: 1.9-3.6x slower than dequantize + cuBLAS at one token, 15-18x at 4,096 (docs/nf4.md). So
+`kernels.nf4_matmul_path` never picks it; decode uses `nf4_gemv_triton`, and this kernel runs only when forced.
 
 Exactness: a W tile holds exactly the reference's dequantized values in the dot's dtype (x's dtype):
 absmax = dynamic[q8] * nested + offset (double-quant decode, once per 64-block, no fused multiply-add:

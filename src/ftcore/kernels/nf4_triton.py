@@ -15,8 +15,8 @@ and sharing it keeps the two paths identical by construction.
 
 The NF4 linear (`ftcore.kernels.nf4_linear`) at training shapes dequantizes the weight into a bf16 buffer
 with `dequantize_nf4` and lets cuBLAS do the matmul: with thousands of tokens the matmul dominates and the
-dequantize costs one read of 0.53 bytes and one write of 2 bytes per weight. With few tokens it runs the
-fused kernel of `nf4_matmul_triton` instead, which reads only the NF4 bytes.
+dequantize costs one read of 0.53 bytes and one write of 2 bytes per weight. At one token (decode) it runs
+the GEMV of `nf4_gemv_triton` instead, which reads only the NF4 bytes (`kernels.nf4_matmul_path` decides).
 """
 
 from __future__ import annotations
