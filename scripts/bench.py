@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile each block (ftcore's parallelize)")
     p.add_argument("--fused", action="store_true", help="Triton RMSNorm/SwiGLU/RoPE kernels (fused_kernels)")
     p.add_argument("--offload", action="store_true", help="with --ac: block inputs in pinned host memory")
+    p.add_argument(
+        "--cuda-graphs", action="store_true", help="eager: replay forward + backward from a CUDA graph"
+    )
     p.add_argument("--mlp-chunk", type=int, help="MLP in checkpointed N-token chunks (mlp_chunk_tokens)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--n-layers", type=int, help="keep only the first N transformer blocks of the shape")
@@ -259,6 +262,31 @@ def build_optimizer(params: list, lr: float, name: str, in_backward: bool) -> to
     return OptimizerInBackward(params, make) if in_backward else make(params)
 
 
+def build_micro_step(args: argparse.Namespace, model, loss_fn, params: list, optimizer, device: torch.device):
+    """The recipe's micro-step (ftcore.training.accumulation): eager, or replayed from CUDA graphs."""
+    from ftcore.training.accumulation import eager_micro_step
+    from ftcore.training.cuda_graphs import (
+        CudaGraphedMicroStep,
+        check_cuda_graphs,
+        check_graph_safe_optimizer,
+    )
+
+    def sum_loss(batch):
+        return loss_fn(model, batch)
+
+    if not args.cuda_graphs:
+        return eager_micro_step(sum_loss)
+    check_cuda_graphs(
+        device,
+        compile=args.compile,
+        activation_offloading=args.offload,
+        sharded=False,
+        optimizer_in_backward=args.optimizer_in_backward,
+    )
+    check_graph_safe_optimizer(optimizer)
+    return CudaGraphedMicroStep(sum_loss, params, device)
+
+
 def run_training(args: argparse.Namespace) -> dict:
     from ftcore.distributed.parallelize import parallelize
     from ftcore.runner.loss import LanguageModelLoss
@@ -281,20 +309,20 @@ def run_training(args: argparse.Namespace) -> dict:
         mlp_chunk_tokens=args.mlp_chunk,
     )
     build_s = time.time() - start
-    loss_fn = LanguageModelLoss(chunk_size=args.loss_chunk)
+    loss_fn = LanguageModelLoss(chunk_size=args.loss_chunk, skip_ignored=not args.cuda_graphs)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, args.lr, args.optimizer, args.optimizer_in_backward)
+    micro_step = build_micro_step(args, model, loss_fn, params, optimizer, device)
+    trained_tokens = args.bs * (args.seq - 1)  # labels = tokens, none ignored: the loss's own count
     vocab = model.tok_embeddings.num_embeddings
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def train_step(tokens: torch.Tensor) -> torch.Tensor:
-        loss_sum, count = loss_fn(model, {"tokens": tokens, "labels": tokens})
-        loss = loss_sum / count
-        loss.backward()
+        loss_sum = micro_step({"tokens": tokens, "labels": tokens}, trained_tokens)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        return loss_sum / trained_tokens
 
     step_times, loss = [], None
     warm_start = time.perf_counter()
@@ -322,6 +350,7 @@ def run_training(args: argparse.Namespace) -> dict:
         compile=args.compile,
         fused=args.fused,
         offload=args.offload,
+        cuda_graphs=args.cuda_graphs,
         mlp_chunk=args.mlp_chunk,
         n_layers=len(model.layers),
         optimizer=args.optimizer,
@@ -445,7 +474,7 @@ def render_table(results_jsonl: Path) -> str:
     for r in ours:
         eager, compiled = (peer.get(_config_key(r), {}).get(flag, {}) for flag in (False, True))
         rows.append(
-            f"| {r['model']} | {r['mode']} | {r['bs']} x {r['seq']} | {_yes(r['ac'])} | {_yes(r['compile'])}{' +fused' if r.get('fused') else ''} "
+            f"| {r['model']} | {r['mode']} | {r['bs']} x {r['seq']} | {_yes(r['ac'])} | {_yes(r['compile'])}{' +fused' if r.get('fused') else ''}{' +graphs' if r.get('cuda_graphs') else ''} "
             f"| {_fmt(r['tokens_per_s'])} | {_fmt(r['peak_alloc_gib'], 2)} | {_fmt(r.get('mfu'), 3)} "
             f"| {_fmt(eager.get('tokens_per_s'))} | {_fmt(compiled.get('tokens_per_s'))} "
             f"| {_fmt(compiled.get('peak_alloc_gib'), 2)} | {_ratio(r['tokens_per_s'], compiled.get('tokens_per_s'))} "
@@ -497,7 +526,8 @@ def _summary(r: dict) -> str:
         return f"{r['system']} {r['model']} generate bs 1: {r['decode_tokens_per_s']:,} tokens/s decoding{memory}"
     return (
         f"{r['system']} {r['model']} {r['mode']} bs {r['bs']} x {r['seq']} ac={r['ac']} compile={r['compile']}"
-        f"{' fused' if r.get('fused') else ''}{_optimizer_note(r)}{_memory_note(r)}: "
+        f"{' fused' if r.get('fused') else ''}{' cuda_graphs' if r.get('cuda_graphs') else ''}"
+        f"{_optimizer_note(r)}{_memory_note(r)}: "
         f"{r['tokens_per_s']:,} tokens/s{memory}, MFU {r['mfu']:.3f} of a measured "
         f"{r['matmul_peak_tflops']:,} TFLOP/s; warm-up (incl. compile) {r['warmup_s']} s"
     )

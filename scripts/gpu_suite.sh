@@ -13,6 +13,10 @@
 #   profile         no tests: one profiled step of 8B LoRA (eager, compiled), 8B QLoRA and 3B full.
 #   switches        GPU tests, NF4 benchmark, each speed/memory switch's effect, 8B QLoRA long context.
 #   final           the side-by-side table with torchtune (compiled) and the long-context full-depth check.
+#   graphs          the CUDA-graph GPU tests, then ftcore eager + fused + cuda_graphs beside torchtune
+#                   compiled (8B LoRA, QLoRA, 3B full), ftcore eager + fused alone, the NF4 load peak.
+#   graphs2         all GPU tests, then the same pairs again after the fused linear + cross-entropy of
+#                   frozen output weights (one graphed LoRA step profiled), and ftcore compiled 8B.
 # Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
 # suite's deadline (SUITE_BUDGET_S, default 510 s); a failing step never stops the next one.
 # Writes into $OUT (default ./gpu_out): suite.log (everything printed), results.jsonl (one JSON
@@ -22,7 +26,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
-[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches or final" >&2; exit 2; }
+[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs or graphs2" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -150,6 +154,28 @@ plan_final() {
   vs_peer --model llama3_2_3b peer:full:compile:50:90 ftcore:full:compile:40:80 ftcore:full:eager:15:50:--fused
 }
 
+# Eager without launch overhead (2026-12-02): the CUDA-graph tests, then each graphed eager run beside
+# torchtune compiled in the same call, the same runs without graphs (the switch's gain), then the peak
+# memory of loading an 8B HF checkpoint into QLoRA and the NF4 checks (bitsandbytes bytes when carried).
+plan_graphs() {
+  step "pytest cuda graphs" 40 150 "${PY[@]}" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=5 \
+    tests/gpu/test_cuda_graphs_cuda.py
+  vs_peer ftcore:lora:eager:25:70:--fused,--cuda-graphs peer:lora:compile:60:110 \
+    ftcore:qlora:eager:25:70:--fused,--cuda-graphs peer:qlora:compile:60:110
+  vs_peer --model llama3_2_3b ftcore:full:eager:20:60:--fused,--cuda-graphs peer:full:compile:50:100
+  vs_peer ftcore:lora:eager:20:50:--fused ftcore:qlora:eager:20:50:--fused
+  step "bench_load 8B qlora" 60 120 "${PY[@]}" scripts/bench_load.py --model llama3_1_8b --mode qlora --dir /tmp/ckpt_8b
+  [[ -f scripts/gpu_nf4_checks.py ]] && step "gpu_nf4_checks" 15 40 "${PY[@]}" scripts/gpu_nf4_checks.py --out "$OUT/nf4_checks.json"
+}
+
+plan_graphs2() {
+  step "pytest -m gpu" 60 180 "${PY[@]}" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=8 tests/gpu
+  vs_peer ftcore:lora:eager:25:70:--fused,--cuda-graphs,--profile,$OUT/prof_lora_graphs.txt peer:lora:compile:60:110 \
+    ftcore:qlora:eager:25:70:--fused,--cuda-graphs peer:qlora:compile:60:110
+  vs_peer --model llama3_2_3b ftcore:full:eager:20:60:--fused,--cuda-graphs peer:full:compile:50:100
+  vs_peer ftcore:lora:compile:40:90 ftcore:qlora:compile:40:90
+}
+
 plan_big() {
   vs_peer --model llama3_1_70b --bs 1 ftcore:qlora:eager:120:280 peer:qlora:compile:200:330
 }
@@ -163,6 +189,8 @@ case $PLAN in
   profile) plan_profile ;;
   switches) plan_switches ;;
   final) plan_final ;;
+  graphs) plan_graphs ;;
+  graphs2) plan_graphs2 ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"

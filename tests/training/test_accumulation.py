@@ -8,6 +8,7 @@ from torch import nn
 
 from ftcore.modules.loss import cross_entropy_sum
 from ftcore.training import accumulate_gradients, count_trained_tokens
+from ftcore.training.accumulation import eager_micro_step
 
 V, D, T = 17, 8, 9
 
@@ -35,7 +36,9 @@ def grads(model):
 def test_accumulation_equals_one_big_batch():
     batches = make_micro_batches()
     model = make_model()
-    step = accumulate_gradients(batches, lambda b: cross_entropy_sum(model(b["tokens"]), b["labels"]))
+    step = accumulate_gradients(
+        batches, eager_micro_step(lambda b: cross_entropy_sum(model(b["tokens"]), b["labels"]))
+    )
     accumulated = grads(model)
 
     reference = make_model()
@@ -62,6 +65,8 @@ def test_fully_masked_batch_gives_zero_loss_and_grads():
     batch = make_micro_batches()[0]
     batch["labels"][:] = -100
     assert count_trained_tokens(batch["labels"]) == 0
-    step = accumulate_gradients([batch], lambda b: cross_entropy_sum(model(b["tokens"]), b["labels"]))
+    step = accumulate_gradients(
+        [batch], eager_micro_step(lambda b: cross_entropy_sum(model(b["tokens"]), b["labels"]))
+    )
     assert step.loss == 0.0 and step.num_tokens == 0
     assert all(torch.count_nonzero(g) == 0 for g in grads(model))

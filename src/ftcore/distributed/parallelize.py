@@ -15,6 +15,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def draws_random_numbers(module: nn.Module) -> bool:
+    """Whether `module`'s forward consumes the RNG (a dropout with p > 0). Only then must a checkpoint
+    stash the RNG state for its recompute; skipping it saves host work and is what lets a CUDA graph
+    capture the checkpoint on any torch version."""
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each transformer block's activations in the backward pass instead of storing them.
 
@@ -22,7 +29,9 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     stay those of the plain model and checkpoints need no renaming.
     """
     for block in cast(nn.ModuleList, model.layers):
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = functools.partial(
+            checkpoint, block.forward, use_reentrant=False, preserve_rng_state=draws_random_numbers(block)
+        )
 
 
 def apply_compile(model: nn.Module) -> None:

@@ -39,19 +39,67 @@ def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
 
 
+class _FrozenWeightLinearCrossEntropy(torch.autograd.Function):
+    """Sum of token losses of `hidden @ weight.T`, its input gradient computed during the forward.
+
+    For a frozen output weight (LoRA, QLoRA) the only gradient is the one to `hidden`, and the loss is
+    the graph's last node, so the gradient of each chunk is known as soon as its logits are: softmax
+    minus one-hot, projected back through the weight. Computing it then saves the backward's recompute
+    of the logits (a third 128K-vocabulary matmul) and the memory passes of autograd's log-softmax;
+    what stays alive is `grad_hidden` (N, D), never the logits. Liger Kernel's fused linear
+    cross-entropy works the same way. The backward only scales `grad_hidden` by the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size: int, ignore_index: int):
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            chunk_loss, chunk_grad = _chunk_loss_and_input_grad(
+                hidden[rows], weight, labels[rows], ignore_index
+            )
+            loss_sum += chunk_loss
+            grad_hidden[rows] = chunk_grad
+        ctx.save_for_backward(grad_hidden)
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_hidden,) = ctx.saved_tensors
+        # scaled in fp32: a bf16 scale would bias every gradient by its rounding (up to 2**-9)
+        return (grad_hidden.float() * grad_loss).to(grad_hidden.dtype), None, None, None, None
+
+
+def _chunk_loss_and_input_grad(hidden, weight, labels, ignore_index: int):
+    """(sum of the chunk's token losses, d loss_sum / d hidden) with the logits upcast to fp32."""
+    logits = (hidden @ weight.T).float()  # (chunk, V)
+    trained = labels != ignore_index
+    targets = torch.where(trained, labels, 0)[:, None]  # (chunk, 1); ignored rows score label 0, then x 0
+    log_normalizer = torch.logsumexp(logits, dim=-1)
+    losses = log_normalizer - logits.gather(1, targets).squeeze(1)
+    probs = logits.sub_(log_normalizer[:, None]).exp_()  # softmax, in place of the logits
+    probs.scatter_add_(1, targets, probs.new_full(targets.shape, -1.0))  # softmax - one-hot
+    grad = (probs.to(hidden.dtype) @ weight) * trained[:, None]  # ignored rows get no gradient
+    return (losses * trained).sum(), grad
+
+
 def chunked_cross_entropy_sum(
     hidden: torch.Tensor,
     output_weight: torch.Tensor,
     labels: torch.Tensor,
     chunk_size: int = 1024,
     ignore_index: int = IGNORE_INDEX,
+    skip_ignored: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same result as cross_entropy_sum(hidden @ output_weight.T, labels) without all logits at once.
 
     hidden (B, T, D) final-normed states, output_weight (V, D), labels (B, T) unshifted. The tokens are
     split into chunks of `chunk_size`; each chunk's logits (chunk, V) are computed in fp32 and, under
     autograd, recomputed in backward (activation checkpointing) so they are never all alive together.
-    Positions with no trained label are skipped before the projection.
+    Positions with no trained label are skipped before the projection; with `skip_ignored=False` they
+    are projected and scored as zero instead, which keeps every shape independent of the labels (a
+    CUDA graph cannot capture the data-dependent selection).
     """
     _check_shapes(hidden, labels, "hidden states")
     if chunk_size <= 0:
@@ -59,12 +107,18 @@ def chunked_cross_entropy_sum(
     shifted_hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))  # (B*(T-1), D)
     shifted_labels = labels[:, 1:].reshape(-1)  # (B*(T-1),)
     trained = shifted_labels != ignore_index
-    shifted_hidden, shifted_labels = shifted_hidden[trained], shifted_labels[trained]  # (N, D), (N,)
+    if skip_ignored:
+        shifted_hidden, shifted_labels = shifted_hidden[trained], shifted_labels[trained]  # (N, D), (N,)
     loss_sum = hidden.new_zeros((), dtype=torch.float32)
     if shifted_labels.numel() == 0:
         # Keep the graph connected so backward() works on a batch with nothing to train.
         return loss_sum + 0.0 * hidden.sum() + 0.0 * output_weight.sum(), trained.sum()
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or output_weight.requires_grad)
+    if needs_grad and not output_weight.requires_grad:  # LoRA / QLoRA: only the input gradient exists
+        loss_sum = _FrozenWeightLinearCrossEntropy.apply(
+            shifted_hidden, output_weight, shifted_labels, chunk_size, ignore_index
+        )
+        return loss_sum, trained.sum()
     for start in range(0, shifted_labels.numel(), chunk_size):
         args = (
             shifted_hidden[start : start + chunk_size],
@@ -73,7 +127,10 @@ def chunked_cross_entropy_sum(
             ignore_index,
         )
         if needs_grad:
-            loss_sum = loss_sum + checkpoint(_chunk_loss_sum, *args, use_reentrant=False)
+            # nothing random in a chunk: no RNG state to stash and replay
+            loss_sum = loss_sum + checkpoint(
+                _chunk_loss_sum, *args, use_reentrant=False, preserve_rng_state=False
+            )
         else:
             loss_sum = loss_sum + _chunk_loss_sum(*args)
     return loss_sum, trained.sum()

@@ -95,6 +95,7 @@ def common_config_keys() -> dict:
         "mlp_chunk_tokens": optional_int,
         "compile": bool,
         "fused_kernels": bool,
+        "cuda_graphs": bool,
         "loss": (dict, type(None)),
         "log_every_n_steps": int,
         "eval_every_n_steps": optional_int,
@@ -136,6 +137,7 @@ class FinetuneSession:
             device=p.device,
             is_main=p.is_main,
             seed=cfg.get("seed", 0),
+            micro_step=p.micro_step,
         )
         self._last_saved_step = -1
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ftcore.training import EarlyStopping, ProgressBar, TrainingProgress, accumulate_gradients, check_finite
-from ftcore.training.accumulation import count_trained_tokens
+from ftcore.training.accumulation import MicroStep, count_trained_tokens, eager_micro_step
 
 LossFn = Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
@@ -79,9 +79,12 @@ class TrainLoop:
         device: torch.device | None = None,
         is_main: bool = True,
         seed: int = 0,
+        micro_step: MicroStep | None = None,
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.loader, self.sampler, self.loss_fn = loader, sampler, loss_fn
+        # How one micro-batch runs: eager, or replayed from a CUDA graph (`cuda_graphs`).
+        self.micro_step = micro_step or eager_micro_step(lambda batch: self.loss_fn(self.model, batch))
         self.settings, self.logger, self.is_main = settings, logger, is_main
         self.save_checkpoint, self.evaluate = save_checkpoint, evaluate
         self.device = device or torch.device("cpu")
@@ -133,7 +136,7 @@ class TrainLoop:
         micro = [next(batches) for _ in range(s.gradient_accumulation_steps)]
         local_tokens = sum(count_trained_tokens(b["labels"]) for b in micro)
         total_tokens = int(_all_reduce_sum(float(local_tokens), self.device))
-        step = accumulate_gradients(micro, lambda b: self.loss_fn(self.model, b), total_tokens=total_tokens)
+        step = accumulate_gradients(micro, self.micro_step, total_tokens=total_tokens)
         # Each rank's loss is its share of the global mean; their sum is the global mean.
         loss = _all_reduce_sum(step.loss, self.device)
         check_finite(loss, p.step + 1)

@@ -51,6 +51,9 @@ class RunParts:
     logger: MetricLogger
     loss_fn: Callable
     settings: LoopSettings
+    micro_step: Callable | None = (
+        None  # None: eager; else the `cuda_graphs` step (ftcore.training.cuda_graphs)
+    )
 
     @property
     def is_main(self) -> bool:
@@ -102,6 +105,16 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
         check_optimizer_in_backward(settings.gradient_accumulation_steps, settings.clip_grad_norm, sharded)
     rank, world_size = (env.rank, env.world_size) if sharded else (0, 1)
     device = env.device if sharded else resolve_device(cfg.get("device", "auto"))
+    if cfg.get("cuda_graphs", False):
+        from ftcore.training.cuda_graphs import check_cuda_graphs
+
+        check_cuda_graphs(
+            device,
+            compile=options["compile"],
+            activation_offloading=options["activation_offloading"],
+            sharded=sharded,
+            optimizer_in_backward=cfg.get("optimizer_in_backward", False),
+        )
     dtype = resolve_dtype(cfg.get("dtype", "bf16"), device)
     seed = cfg.get("seed", 0)
     seed_everything(seed)
@@ -146,6 +159,7 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
     if cfg.get("lr_scheduler") is not None:
         scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
     loss_fn = _build_loss(cfg, device)
+    micro_step = _build_graphed_step(cfg, model, loss_fn, trainable, optimizer, device)
     logger = build_logger(cfg, output_dir, rank == 0)
     return RunParts(
         cfg,
@@ -166,6 +180,7 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
         logger,
         loss_fn,
         settings,
+        micro_step,
     )
 
 
@@ -180,6 +195,16 @@ def _build_optimizer(cfg: DictConfig, trainable: list, settings: LoopSettings, s
     return optimizer
 
 
+def _build_graphed_step(cfg: DictConfig, model, loss_fn, trainable: list, optimizer, device):
+    """With `cuda_graphs: true`, the micro-step that replays forward + backward from CUDA graphs."""
+    if not cfg.get("cuda_graphs", False):
+        return None
+    from ftcore.training.cuda_graphs import CudaGraphedMicroStep, check_graph_safe_optimizer
+
+    check_graph_safe_optimizer(optimizer)
+    return CudaGraphedMicroStep(lambda batch: loss_fn(model, batch), trainable, device)
+
+
 def _check_vocab(tokenizer, model) -> None:
     from ftcore.data.tokenizers import check_vocab_matches
 
@@ -191,6 +216,8 @@ def _build_loss(cfg: DictConfig, device: torch.device) -> Callable:
     from ftcore.runner.loss import LanguageModelLoss
 
     loss = instantiate(cfg.loss) if cfg.get("loss") is not None else LanguageModelLoss()
+    if cfg.get("cuda_graphs", False) and hasattr(loss, "skip_ignored"):
+        loss.skip_ignored = False  # keep the loss's shapes independent of the labels, so a graph captures it
 
     def loss_fn(model, batch):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

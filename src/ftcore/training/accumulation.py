@@ -28,16 +28,33 @@ class AccumulatedStep:
     num_tokens: int  # trained tokens in it (0: nothing was trained, gradients are zero)
 
 
+SumLossFn = Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+# One micro-batch: forward, then backward of `sum_loss / denominator` into `.grad`; returns the
+# detached sum loss. Eager (`eager_micro_step`) or replayed from a CUDA graph (ftcore.training.cuda_graphs).
+MicroStep = Callable[[Mapping[str, torch.Tensor], int], torch.Tensor]
+
+
+def eager_micro_step(sum_loss_fn: SumLossFn) -> MicroStep:
+    """The plain micro-step: `sum_loss_fn(batch)` returns (sum of token losses, trained tokens)."""
+
+    def run(batch: Mapping[str, torch.Tensor], denominator: int) -> torch.Tensor:
+        batch_loss, _ = sum_loss_fn(batch)
+        (batch_loss / denominator).backward()
+        return batch_loss.detach()
+
+    return run
+
+
 def accumulate_gradients(
     micro_batches: Sequence[Mapping[str, torch.Tensor]],
-    sum_loss_fn: Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
+    micro_step: MicroStep,
     *,
     total_tokens: int | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> AccumulatedStep:
     """Backpropagate every micro-batch with the loss divided by the accumulated trained-token count.
 
-    `sum_loss_fn(batch)` returns (sum of token losses, trained tokens), e.g. a closure over the model
+    `micro_step` is e.g. `eager_micro_step(sum_loss_fn)`, with `sum_loss_fn` a closure over the model
     and `ftcore.modules.loss.cross_entropy_sum`. Each batch needs `labels` (B, T). With several ranks
     pass `total_tokens` (the all-reduced global count) and let the data-parallel wrapper SUM, not
     average, the gradients (FSDP2: `set_gradient_divide_factor(1)`), so the step equals one global batch.
@@ -49,7 +66,5 @@ def accumulate_gradients(
     denominator = max(total_tokens, 1)
     loss_sum = 0.0
     for batch in micro_batches:
-        batch_loss, _ = sum_loss_fn(batch)
-        (batch_loss / denominator).backward()
-        loss_sum += float(batch_loss.detach())
+        loss_sum += float(micro_step(batch, denominator))
     return AccumulatedStep(loss=loss_sum / denominator, num_tokens=total_tokens)

@@ -19,14 +19,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def chunked_mlp_forward(mlp_forward, chunk_tokens: int, x: torch.Tensor) -> torch.Tensor:
+def chunked_mlp_forward(
+    mlp_forward, chunk_tokens: int, x: torch.Tensor, preserve_rng_state: bool = True
+) -> torch.Tensor:
     """`mlp_forward(x)` for x (..., dim), computed `chunk_tokens` flattened tokens at a time."""
     flat = x.reshape(-1, x.shape[-1])  # (N, dim), N = B*T
     if flat.shape[0] <= chunk_tokens:
         return mlp_forward(x)
     pieces = flat.split(chunk_tokens)  # views of (<= chunk_tokens, dim)
     if torch.is_grad_enabled():
-        outputs = [checkpoint(mlp_forward, piece, use_reentrant=False) for piece in pieces]
+        outputs = [
+            checkpoint(mlp_forward, piece, use_reentrant=False, preserve_rng_state=preserve_rng_state)
+            for piece in pieces
+        ]
     else:
         outputs = [mlp_forward(piece) for piece in pieces]
     return torch.cat(outputs).view(*x.shape[:-1], -1)  # (N, dim_out) -> (..., dim_out)
@@ -44,10 +49,16 @@ def apply_mlp_chunking(model: nn.Module, chunk_tokens: int) -> None:
     """Make every FeedForward of `model` process its input `chunk_tokens` tokens at a time.
 
     Each module's own `forward` is replaced in place, so names and state dicts are unchanged."""
+    from ftcore.distributed.parallelize import draws_random_numbers
     from ftcore.models.transformer import FeedForward
 
     check_chunk_tokens(chunk_tokens)
     for module in model.modules():
         if isinstance(module, FeedForward):
             # monkey-patching the instance's forward
-            module.forward = functools.partial(chunked_mlp_forward, module.forward, chunk_tokens)  # type: ignore[method-assign]
+            module.forward = functools.partial(  # type: ignore[method-assign]
+                chunked_mlp_forward,
+                module.forward,
+                chunk_tokens,
+                preserve_rng_state=draws_random_numbers(module),
+            )

@@ -1,0 +1,225 @@
+"""`cuda_graphs`: each micro-batch's forward and backward replayed from a CUDA graph.
+
+In eager PyTorch, Python launches every kernel. A Llama block's forward, recompute and backward are
+hundreds of launches, and for 8B LoRA and QLoRA the host takes longer to issue a step than the GPU
+takes to run it (docs/performance.md, "Where the time goes"). A CUDA graph records the launches once;
+then one call replays them all. What replay needs, and how this module provides it:
+
+- Static addresses. Each batch is copied into the tensors the graph was captured with. There is one
+  graph per batch signature (keys, shapes, dtypes), up to `max_graphs`. Beyond that, new shapes run
+  eagerly, so pad or pack batches to a fixed length to stay inside the graphs.
+- Warm-up before capture. The first `warmup_calls` micro-batches of a signature run eagerly on a side
+  stream, as PyTorch's CUDA-graph notes ask. That also compiles the Triton kernels first.
+- Gradients. The graph adds into the `.grad` tensors that existed when it was captured. After a
+  `zero_grad(set_to_none=True)` those tensors are put back, zeroed, before the next replay. So the
+  training loop needs no change, and gradient accumulation works.
+- Random numbers (LoRA dropout). PyTorch's CUDA generator is graph-safe, so each replay draws fresh
+  numbers.
+
+`check_cuda_graphs` refuses what cannot be captured: a non-CUDA device; FSDP2 (collectives and hooks
+run in every step); `compile` (use one or the other); activation offloading (host copies and events in
+every step); and optimizers that step inside the backward.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ftcore.training.accumulation import SumLossFn, eager_micro_step
+
+log = logging.getLogger("ftcore")
+
+Signature = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+WARMUP_CALLS = 2  # eager micro-batches of a shape before its capture
+MAX_GRAPHS = 4  # distinct batch shapes kept as graphs; their memory pool is shared
+
+
+def check_cuda_graphs(
+    device: torch.device,
+    *,
+    compile: bool,
+    activation_offloading: bool,
+    sharded: bool,
+    optimizer_in_backward: bool,
+) -> None:
+    """Refuse, before anything is built, the runs whose step a CUDA graph cannot capture."""
+    if device.type != "cuda":
+        raise ValueError(
+            f"cuda_graphs: true needs a CUDA GPU, but this run's device is {device}; set cuda_graphs: false"
+        )
+    if sharded:
+        raise ValueError(
+            "cuda_graphs: true is not supported under torchrun (FSDP2 runs collectives and hooks in every "
+            "step); set cuda_graphs: false"
+        )
+    if compile:
+        raise ValueError(
+            "cuda_graphs: true and compile: true cannot be combined: compile already removes most launch "
+            "overhead; choose one"
+        )
+    if activation_offloading:
+        raise ValueError(
+            "cuda_graphs: true cannot capture enable_activation_offloading (host copies and events in every "
+            "step); turn one of them off"
+        )
+    if optimizer_in_backward:
+        raise ValueError(
+            "cuda_graphs: true cannot capture optimizer_in_backward (the optimizer steps inside the backward); "
+            "turn one of them off"
+        )
+
+
+def check_graph_safe_optimizer(optimizer) -> None:
+    """An optimizer that consumes gradients inside the backward does host work a graph cannot replay."""
+    if hasattr(optimizer, "take_grad_norm"):  # OptimizerInBackward, the CPU-offload AdamW
+        raise ValueError(
+            f"cuda_graphs: true cannot capture {type(optimizer).__name__}, which steps inside the backward "
+            "(optimizer_in_backward, ftcore.training.cpu_offload_adamw); use a plain optimizer or cuda_graphs: false"
+        )
+
+
+def batch_signature(batch: Mapping[str, torch.Tensor]) -> Signature:
+    """What a graph's static inputs fix: each key's shape and dtype."""
+    signature = []
+    for key in sorted(batch):
+        value = batch[key]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"cuda_graphs: batch key {key!r} holds a {type(value).__name__}; a CUDA graph replays tensors only"
+            )
+        signature.append((key, tuple(value.shape), value.dtype))
+    return tuple(signature)
+
+
+def bind_static_grads(params: list[torch.nn.Parameter], static: list[torch.Tensor]) -> None:
+    """Make each parameter's `.grad` the tensor the graphs add into, keeping its current value.
+
+    None (after `zero_grad(set_to_none=True)`) means zero; a gradient left by an eager micro-batch in
+    between is copied in."""
+    cleared = []
+    for param, grad in zip(params, static):
+        if param.grad is grad:
+            continue
+        if param.grad is None:
+            cleared.append(grad)
+        else:
+            grad.copy_(param.grad)
+        param.grad = grad
+    if cleared:
+        torch._foreach_zero_(cleared)
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    batch: dict[str, torch.Tensor]  # the static inputs each replay reads
+    denominator: torch.Tensor  # 0-dim fp32, filled before each replay
+    loss_sum: torch.Tensor  # the static output
+
+
+class CudaGraphedMicroStep:
+    """A `MicroStep` (ftcore.training.accumulation) whose forward + backward replay from CUDA graphs."""
+
+    def __init__(
+        self,
+        sum_loss_fn: SumLossFn,
+        params: list[torch.nn.Parameter],
+        device: torch.device,
+        *,
+        warmup_calls: int = WARMUP_CALLS,
+        max_graphs: int = MAX_GRAPHS,
+    ):
+        self._sum_loss_fn, self._eager = sum_loss_fn, eager_micro_step(sum_loss_fn)
+        self._params, self._device = list(params), device
+        self._warmup_calls, self._max_graphs = warmup_calls, max_graphs
+        self._graphs: dict[Signature, _Captured] = {}
+        self._eager_calls: Counter[Signature] = Counter()
+        self._grads: list[torch.Tensor] | None = None  # the static gradients, fixed at the first capture
+        self._pool = None  # the graphs share one memory pool (torch.cuda.graph_pool_handle())
+        self._warned_shapes = False
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def __call__(self, batch: Mapping[str, torch.Tensor], denominator: int) -> torch.Tensor:
+        signature = batch_signature(batch)
+        captured = self._graphs.get(signature)
+        if captured is None:
+            if len(self._graphs) >= self._max_graphs:
+                self._warn_new_shape(signature)
+                return self._eager(batch, denominator)
+            if self._eager_calls[signature] < self._warmup_calls:
+                self._eager_calls[signature] += 1
+                return self._warm_up(batch, denominator)
+            captured = self._capture(batch)
+            self._graphs[signature] = captured
+        return self._replay(captured, batch, denominator)
+
+    def _warm_up(self, batch: Mapping[str, torch.Tensor], denominator: int) -> torch.Tensor:
+        main = torch.cuda.current_stream(self._device)
+        side = torch.cuda.Stream(self._device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            loss = self._eager(batch, denominator)
+        main.wait_stream(side)
+        return loss
+
+    def _capture(self, batch: Mapping[str, torch.Tensor]) -> _Captured:
+        if self._grads is None:
+            self._grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+            self._pool = torch.cuda.graph_pool_handle()  # type: ignore[assignment]  # an opaque handle
+        # With every .grad present the captured backward adds into them in place (accumulation).
+        bind_static_grads(self._params, self._grads)
+        static_batch = {
+            key: torch.empty(value.shape, dtype=value.dtype, device=self._device).copy_(value)
+            for key, value in batch.items()
+        }
+        denominator = torch.ones((), dtype=torch.float32, device=self._device)
+        torch.cuda.synchronize(self._device)
+        # The graph's private pool cannot reuse the blocks the eager warm-ups left cached: hand those
+        # back first, or the process reserves the step's working memory twice.
+        torch.cuda.empty_cache()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                batch_loss, _ = self._sum_loss_fn(static_batch)
+                (batch_loss / denominator).backward()
+                loss_sum = batch_loss.detach()
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"cuda_graphs: capturing the training step failed ({error}); something in the model or loss "
+                "synchronizes with the host or has a shape that depends on the data (a custom loss must not "
+                "select the trained positions; LanguageModelLoss(skip_ignored=False) does not). Set cuda_graphs: false"
+            ) from error
+        log.info("cuda_graphs: captured the step for batch %s", _describe(batch_signature(batch)))
+        return _Captured(graph, static_batch, denominator, loss_sum)
+
+    def _replay(
+        self, captured: _Captured, batch: Mapping[str, torch.Tensor], denominator: int
+    ) -> torch.Tensor:
+        bind_static_grads(self._params, self._grads or [])
+        for key, value in batch.items():
+            captured.batch[key].copy_(value, non_blocking=True)
+        captured.denominator.fill_(float(denominator))
+        captured.graph.replay()
+        return captured.loss_sum.clone()
+
+    def _warn_new_shape(self, signature: Signature) -> None:
+        if not self._warned_shapes:
+            self._warned_shapes = True
+            log.warning(
+                "cuda_graphs: %d batch shapes are captured already; new shapes (first: %s) run eagerly. Pad or "
+                "pack batches to one length (e.g. a packed dataset) to keep every step in a graph",
+                self._max_graphs,
+                _describe(signature),
+            )
+
+
+def _describe(signature: Signature) -> str:
+    return ", ".join(f"{key} {list(shape)}" for key, shape, _ in signature)

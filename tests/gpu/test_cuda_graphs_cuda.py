@@ -1,0 +1,160 @@
+"""`cuda_graphs` on CUDA (`pytest -m gpu`): graphed steps against eager ones; skipped without CUDA.
+
+References: the eager micro-step (ftcore.training.accumulation.eager_micro_step) on the same model,
+batches and optimizer, in fp32 (the same kernels run, so only the launch path differs); for dropout,
+the same graphed step without activation checkpointing (the recompute must redraw the forward's masks);
+for the recipe, the same `ftcore run` config with `cuda_graphs=false`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+
+import pytest
+import torch
+
+from ftcore.config import apply_overrides, load_config
+from ftcore.distributed.parallelize import parallelize
+from ftcore.models import init_weights
+from ftcore.models.builders import lora_transformer_decoder
+from ftcore.modules.lora import get_adapter_params, set_trainable_params
+from ftcore.paths import RECIPES_DIR
+from ftcore.runner.loss import LanguageModelLoss
+from ftcore.training import accumulate_gradients
+from ftcore.training.accumulation import eager_micro_step
+from ftcore.training.cuda_graphs import CudaGraphedMicroStep
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+SIZES = dict(vocab_size=512, dim=256, n_layers=3, n_heads=8, n_kv_heads=2, hidden_dim=704, max_seq_len=256)
+CUDA = torch.device("cuda")
+
+
+def build(dropout: float = 0.0, checkpointing: bool = True, fused: bool = True) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with CUDA:
+        model = lora_transformer_decoder(
+            ["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True, lora_rank=8,
+            lora_dropout=dropout, **SIZES,
+        )  # fmt: skip
+    init_weights(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_b" in name:
+                param.normal_(0.0, 0.02)
+    set_trainable_params(model, get_adapter_params(model))
+    return parallelize(model, activation_checkpointing=checkpointing, fused_kernels=fused)
+
+
+def batches(count: int, seq: int = 96):
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    out = []
+    for _ in range(count):
+        tokens = torch.randint(0, SIZES["vocab_size"], (2, seq), device="cuda", generator=generator)
+        labels = tokens.clone()
+        labels[:, :10] = -100  # a masked prompt, as instruction data has
+        out.append({"tokens": tokens, "labels": labels})
+    return out
+
+
+def train(model, micro_step, data, accumulation: int) -> list[float]:
+    """The recipe loop's numerics: accumulate, step AdamW, zero with set_to_none=True."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    losses = []
+    for start in range(0, len(data), accumulation):
+        step = accumulate_gradients(data[start : start + accumulation], micro_step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step.loss)
+    return losses
+
+
+def sum_loss_of(model, graphed: bool = True):
+    """The graphed loss keeps static shapes; the eager reference drops the masked positions first."""
+    loss = LanguageModelLoss(chunk_size=64, skip_ignored=not graphed)
+    return lambda batch: loss(model, batch)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_graphed_steps_match_eager_steps_with_fused_kernels_and_checkpointing(accumulation):
+    data = batches(8)
+    eager_model, graphed_model = build(), build()
+    eager = train(eager_model, eager_micro_step(sum_loss_of(eager_model, graphed=False)), data, accumulation)
+    params = [p for p in graphed_model.parameters() if p.requires_grad]
+    step = CudaGraphedMicroStep(sum_loss_of(graphed_model), params, CUDA)
+    graphed = train(graphed_model, step, data, accumulation)
+    assert step.num_graphs == 1  # 2 eager warm-up micro-batches, then one capture replayed 6 times
+    assert graphed == pytest.approx(eager, rel=1e-5)
+    for (name, a), b in zip(eager_model.named_parameters(), graphed_model.parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_new_batch_shape_gets_its_own_graph_and_the_same_numbers():
+    data = batches(3, seq=64) + batches(3, seq=80)
+    eager_model, graphed_model = build(), build()
+    eager = train(eager_model, eager_micro_step(sum_loss_of(eager_model, graphed=False)), data, 1)
+    step = CudaGraphedMicroStep(
+        sum_loss_of(graphed_model), [p for p in graphed_model.parameters() if p.requires_grad], CUDA
+    )
+    assert train(graphed_model, step, data, 1) == pytest.approx(eager, rel=1e-5)
+    assert step.num_graphs == 2
+
+
+def test_dropout_draws_fresh_masks_each_replay_and_the_recompute_redraws_the_forwards():
+    batch = batches(1)[0]
+
+    def graphed_grads(checkpointing: bool):
+        model = build(dropout=0.3, checkpointing=checkpointing)
+        params = [p for p in model.parameters() if p.requires_grad]
+        step = CudaGraphedMicroStep(sum_loss_of(model), params, CUDA, warmup_calls=1)
+        step(batch, 100)  # warm-up, eager
+        losses = []
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(5)
+            losses.append(float(step(batch, 100)))
+        model.zero_grad(set_to_none=True)
+        losses.append(float(step(batch, 100)))  # no reseed: the generator moved on
+        assert step.num_graphs == 1
+        return losses, [p.grad.clone() for p in params]
+
+    (same_a, same_b, fresh), grads_checkpointed = graphed_grads(True)
+    assert same_a == same_b and fresh != same_a
+    _, grads_plain = graphed_grads(False)
+    for a, b in zip(grads_checkpointed, grads_plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _run_recipe(tmp_path, name: str, overrides: list[str]) -> list[float]:
+    spec = importlib.util.spec_from_file_location("gpu_recipe_lora", RECIPES_DIR / "lora_finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / name
+    cfg = apply_overrides(
+        load_config("demo/reverse_lora"),
+        [f"output_dir={out}", "device=cuda", "dataset.source.num_rows=512", "max_steps=6",
+         "eval_every_n_steps=null", "evaluators.0.max_rows=8", "save_every_n_steps=null",
+         "plot_loss_curve=false", "shuffle=false", "enable_activation_checkpointing=true",
+         "lr_scheduler.num_warmup_steps=1", "model.hidden_dim=384", "log_every_n_steps=1", *overrides],
+    )  # fmt: skip
+    module.recipe_main(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+@pytest.mark.parametrize("quantize_base", ["false", "true"], ids=["lora", "qlora"])
+def test_ftcore_run_with_cuda_graphs_matches_the_eager_run(tmp_path, caplog, quantize_base):
+    common = [f"model.quantize_base={quantize_base}", "fused_kernels=true", "dtype=fp32"]
+    eager = _run_recipe(tmp_path, "eager", common)
+    with caplog.at_level(logging.INFO, logger="ftcore"):
+        graphed = _run_recipe(tmp_path, "graphed", [*common, "cuda_graphs=true"])
+    assert any("cuda_graphs: captured" in r.getMessage() for r in caplog.records)
+    assert len(graphed) == len(eager) == 6
+    assert graphed == pytest.approx(eager, rel=1e-4)
