@@ -17,6 +17,7 @@
 #                   compiled (8B LoRA, QLoRA, 3B full), ftcore eager + fused alone, the NF4 load peak.
 #   graphs2         all GPU tests, then the same pairs again after the fused linear + cross-entropy of
 #                   frozen output weights (one graphed LoRA step profiled), and ftcore compiled 8B.
+#   graphs_memory   the CUDA-graph tests, and the reserved memory of graphed 8B LoRA and 3B full runs.
 # Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
 # suite's deadline (SUITE_BUDGET_S, default 510 s); a failing step never stops the next one.
 # Writes into $OUT (default ./gpu_out): suite.log (everything printed), results.jsonl (one JSON
@@ -26,7 +27,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
-[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs or graphs2" >&2; exit 2; }
+[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2 or graphs_memory" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -176,6 +177,12 @@ plan_graphs2() {
   vs_peer ftcore:lora:compile:40:90 ftcore:qlora:compile:40:90
 }
 
+plan_graphs_memory() {
+  step "pytest cuda graphs" 30 90 "${PY[@]}" -m pytest -m gpu -q -p no:cacheprovider -rs tests/gpu/test_cuda_graphs_cuda.py
+  vs_peer ftcore:lora:eager:25:70:--fused,--cuda-graphs
+  vs_peer --model llama3_2_3b ftcore:full:eager:20:60:--fused,--cuda-graphs
+}
+
 plan_big() {
   vs_peer --model llama3_1_70b --bs 1 ftcore:qlora:eager:120:280 peer:qlora:compile:200:330
 }
@@ -191,6 +198,7 @@ case $PLAN in
   final) plan_final ;;
   graphs) plan_graphs ;;
   graphs2) plan_graphs2 ;;
+  graphs_memory) plan_graphs_memory ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"

@@ -94,6 +94,16 @@ def test_the_fused_path_in_bf16_matches_autograd_through_fp32_logits():
     torch.testing.assert_close(hidden16.grad, expected_grad, rtol=1e-2, atol=1e-4)
 
 
+def test_the_fused_path_ignores_a_non_finite_score_at_a_masked_position():
+    hidden, weight, labels = make_batch(5)
+    weight.requires_grad_(False)
+    with torch.no_grad():
+        hidden[0, 2] = float("inf")  # position 2 predicts label 3, which is masked
+    loss, _ = chunked_cross_entropy_sum(hidden, weight, labels, chunk_size=4, skip_ignored=False)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
 def test_chunked_bf16_upcasts_per_chunk():
     hidden, weight, labels = make_batch(2)
     hidden16, weight16 = hidden.detach().bfloat16(), weight.detach().bfloat16()

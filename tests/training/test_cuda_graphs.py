@@ -132,3 +132,36 @@ def test_checkpointing_stashes_the_rng_state_only_for_blocks_that_draw_from_it(d
     )  # fmt: skip
     parallelize(model, activation_checkpointing=True)
     assert [block.forward.keywords["preserve_rng_state"] for block in model.layers] == [stashed, stashed]
+
+
+def test_the_cpu_offload_optimizer_is_refused_from_its_config_name_before_the_model_is_built():
+    with pytest.raises(ValueError, match="cannot capture optimizer `ftcore.training.cpu_offload_adamw`"):
+        check_cuda_graphs(CUDA, **ALLOWED, optimizer_component="ftcore.training.cpu_offload_adamw")
+
+
+def test_an_eager_micro_batch_after_a_capture_adds_into_the_static_gradients():
+    """A new shape's warm-up or a fallback must not allocate a second set of gradients (full fine-tuning: GiBs)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 8), torch.nn.Linear(8, 11))
+    params = list(model.parameters())
+
+    def sum_loss(batch):
+        return cross_entropy_sum(model(batch["tokens"]), batch["labels"])
+
+    batch = {"tokens": torch.randint(0, 11, (2, 4)), "labels": torch.randint(0, 11, (2, 4))}
+    eager_micro_step(sum_loss)(batch, 3)
+    expected = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    step = CudaGraphedMicroStep(sum_loss, params, torch.device("cpu"), max_graphs=0)
+    step._grads = [torch.full_like(p, 5.0) for p in params]  # as a capture leaves them
+    step(batch, 3)
+    for param, static, grad in zip(params, step._grads, expected):
+        assert param.grad is static
+        torch.testing.assert_close(param.grad, grad)  # zeroed on binding, then the eager gradient added
+
+
+def test_a_parameter_without_a_static_gradient_keeps_none():
+    params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))]
+    static = [torch.zeros(2), None]
+    bind_static_grads(params, static)
+    assert params[0].grad is static[0] and params[1].grad is None

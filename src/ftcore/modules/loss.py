@@ -65,6 +65,7 @@ class _FrozenWeightLinearCrossEntropy(torch.autograd.Function):
         return loss_sum
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the saved gradient has no graph behind it
     def backward(ctx, grad_loss):
         (grad_hidden,) = ctx.saved_tensors
         # scaled in fp32: a bf16 scale would bias every gradient by its rounding (up to 2**-9)
@@ -80,8 +81,9 @@ def _chunk_loss_and_input_grad(hidden, weight, labels, ignore_index: int):
     losses = log_normalizer - logits.gather(1, targets).squeeze(1)
     probs = logits.sub_(log_normalizer[:, None]).exp_()  # softmax, in place of the logits
     probs.scatter_add_(1, targets, probs.new_full(targets.shape, -1.0))  # softmax - one-hot
-    grad = (probs.to(hidden.dtype) @ weight) * trained[:, None]  # ignored rows get no gradient
-    return (losses * trained).sum(), grad
+    # where, not a product: a non-finite score at an ignored position must not reach the sum (NaN x 0)
+    grad = torch.where(trained[:, None], probs.to(hidden.dtype) @ weight, 0.0)
+    return torch.where(trained, losses, 0.0).sum(), grad
 
 
 def chunked_cross_entropy_sum(

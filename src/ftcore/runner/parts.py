@@ -114,6 +114,7 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
             activation_offloading=options["activation_offloading"],
             sharded=sharded,
             optimizer_in_backward=cfg.get("optimizer_in_backward", False),
+            optimizer_component=str(cfg.optimizer.get("_component_", "")),
         )
     dtype = resolve_dtype(cfg.get("dtype", "bf16"), device)
     seed = cfg.get("seed", 0)
@@ -159,7 +160,7 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
     if cfg.get("lr_scheduler") is not None:
         scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
     loss_fn = _build_loss(cfg, device)
-    micro_step = _build_graphed_step(cfg, model, loss_fn, trainable, optimizer, device)
+    micro_step = _build_graphed_step(cfg, model, trainable, optimizer, device)
     logger = build_logger(cfg, output_dir, rank == 0)
     return RunParts(
         cfg,
@@ -195,13 +196,15 @@ def _build_optimizer(cfg: DictConfig, trainable: list, settings: LoopSettings, s
     return optimizer
 
 
-def _build_graphed_step(cfg: DictConfig, model, loss_fn, trainable: list, optimizer, device):
-    """With `cuda_graphs: true`, the micro-step that replays forward + backward from CUDA graphs."""
+def _build_graphed_step(cfg: DictConfig, model, trainable: list, optimizer, device):
+    """With `cuda_graphs: true`, the micro-step that replays forward + backward from CUDA graphs; its
+    loss keeps static shapes (evaluation keeps the loss that skips masked positions)."""
     if not cfg.get("cuda_graphs", False):
         return None
     from ftcore.training.cuda_graphs import CudaGraphedMicroStep, check_graph_safe_optimizer
 
     check_graph_safe_optimizer(optimizer)
+    loss_fn = _build_loss(cfg, device, static_shapes=True)
     return CudaGraphedMicroStep(lambda batch: loss_fn(model, batch), trainable, device)
 
 
@@ -211,12 +214,13 @@ def _check_vocab(tokenizer, model) -> None:
     check_vocab_matches(tokenizer, model.tok_embeddings.num_embeddings)
 
 
-def _build_loss(cfg: DictConfig, device: torch.device) -> Callable:
-    """Return loss_fn(model, batch) -> (sum of token losses, number of trained tokens)."""
+def _build_loss(cfg: DictConfig, device: torch.device, static_shapes: bool = False) -> Callable:
+    """Return loss_fn(model, batch) -> (sum of token losses, number of trained tokens); with
+    `static_shapes` (the `cuda_graphs` training step) no shape depends on the labels."""
     from ftcore.runner.loss import LanguageModelLoss
 
     loss = instantiate(cfg.loss) if cfg.get("loss") is not None else LanguageModelLoss()
-    if cfg.get("cuda_graphs", False) and hasattr(loss, "skip_ignored"):
+    if static_shapes and hasattr(loss, "skip_ignored"):
         loss.skip_ignored = False  # keep the loss's shapes independent of the labels, so a graph captures it
 
     def loss_fn(model, batch):

@@ -37,6 +37,7 @@ log = logging.getLogger("ftcore")
 Signature = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
 WARMUP_CALLS = 2  # eager micro-batches of a shape before its capture
 MAX_GRAPHS = 4  # distinct batch shapes kept as graphs; their memory pool is shared
+STEPS_IN_BACKWARD = ("cpu_offload_adamw", "CPUOffloadOptimizer")  # optimizer components refused up front
 
 
 def check_cuda_graphs(
@@ -46,6 +47,7 @@ def check_cuda_graphs(
     activation_offloading: bool,
     sharded: bool,
     optimizer_in_backward: bool,
+    optimizer_component: str = "",
 ) -> None:
     """Refuse, before anything is built, the runs whose step a CUDA graph cannot capture."""
     if device.type != "cuda":
@@ -66,6 +68,11 @@ def check_cuda_graphs(
         raise ValueError(
             "cuda_graphs: true cannot capture enable_activation_offloading (host copies and events in every "
             "step); turn one of them off"
+        )
+    if optimizer_component.rsplit(".", 1)[-1] in STEPS_IN_BACKWARD:
+        raise ValueError(
+            f"cuda_graphs: true cannot capture optimizer `{optimizer_component}`, which steps inside the "
+            "backward; use a plain optimizer or cuda_graphs: false"
         )
     if optimizer_in_backward:
         raise ValueError(
@@ -96,14 +103,15 @@ def batch_signature(batch: Mapping[str, torch.Tensor]) -> Signature:
     return tuple(signature)
 
 
-def bind_static_grads(params: list[torch.nn.Parameter], static: list[torch.Tensor]) -> None:
+def bind_static_grads(params: list[torch.nn.Parameter], static: list[torch.Tensor | None]) -> None:
     """Make each parameter's `.grad` the tensor the graphs add into, keeping its current value.
 
     None (after `zero_grad(set_to_none=True)`) means zero; a gradient left by an eager micro-batch in
-    between is copied in."""
+    between is copied in. A parameter without a static tensor (the backward never reaches it) keeps
+    None, so the optimizer skips it as in an eager run."""
     cleared = []
     for param, grad in zip(params, static):
-        if param.grad is grad:
+        if grad is None or param.grad is grad:
             continue
         if param.grad is None:
             cleared.append(grad)
@@ -139,9 +147,13 @@ class CudaGraphedMicroStep:
         self._warmup_calls, self._max_graphs = warmup_calls, max_graphs
         self._graphs: dict[Signature, _Captured] = {}
         self._eager_calls: Counter[Signature] = Counter()
-        self._grads: list[torch.Tensor] | None = None  # the static gradients, fixed at the first capture
+        self._grads: list[torch.Tensor | None] | None = (
+            None  # the static gradients, fixed at the first capture
+        )
+        self._reached = [False] * len(self._params)  # which parameters the warm-up backward gave a gradient
         self._pool = None  # the graphs share one memory pool (torch.cuda.graph_pool_handle())
         self._warned_shapes = False
+        self._side_stream: torch.cuda.Stream | None = None
 
     @property
     def num_graphs(self) -> int:
@@ -150,6 +162,8 @@ class CudaGraphedMicroStep:
     def __call__(self, batch: Mapping[str, torch.Tensor], denominator: int) -> torch.Tensor:
         signature = batch_signature(batch)
         captured = self._graphs.get(signature)
+        if captured is None and self._grads is not None:
+            bind_static_grads(self._params, self._grads)  # an eager backward then adds into them too
         if captured is None:
             if len(self._graphs) >= self._max_graphs:
                 self._warn_new_shape(signature)
@@ -163,16 +177,27 @@ class CudaGraphedMicroStep:
 
     def _warm_up(self, batch: Mapping[str, torch.Tensor], denominator: int) -> torch.Tensor:
         main = torch.cuda.current_stream(self._device)
-        side = torch.cuda.Stream(self._device)
+        if self._side_stream is None:  # one for all warm-ups: each stream keeps its own cached blocks
+            self._side_stream = torch.cuda.Stream(self._device)
+        side = self._side_stream
         side.wait_stream(main)
         with torch.cuda.stream(side):
             loss = self._eager(batch, denominator)
         main.wait_stream(side)
+        self._reached = [seen or p.grad is not None for seen, p in zip(self._reached, self._params)]
         return loss
 
     def _capture(self, batch: Mapping[str, torch.Tensor]) -> _Captured:
+        # Neither the static gradients (on this stream) nor the graph's private pool can reuse the blocks
+        # the warm-ups left cached for the side stream: hand those back first, or the process reserves
+        # the step's working memory twice.
+        torch.cuda.synchronize(self._device)
+        torch.cuda.empty_cache()
         if self._grads is None:
-            self._grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+            self._grads = [
+                (p.grad if p.grad is not None else torch.zeros_like(p)) if reached else None
+                for p, reached in zip(self._params, self._reached)
+            ]
             self._pool = torch.cuda.graph_pool_handle()  # type: ignore[assignment]  # an opaque handle
         # With every .grad present the captured backward adds into them in place (accumulation).
         bind_static_grads(self._params, self._grads)
@@ -181,10 +206,6 @@ class CudaGraphedMicroStep:
             for key, value in batch.items()
         }
         denominator = torch.ones((), dtype=torch.float32, device=self._device)
-        torch.cuda.synchronize(self._device)
-        # The graph's private pool cannot reuse the blocks the eager warm-ups left cached: hand those
-        # back first, or the process reserves the step's working memory twice.
-        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool):
@@ -214,8 +235,8 @@ class CudaGraphedMicroStep:
         if not self._warned_shapes:
             self._warned_shapes = True
             log.warning(
-                "cuda_graphs: %d batch shapes are captured already; new shapes (first: %s) run eagerly. Pad or "
-                "pack batches to one length (e.g. a packed dataset) to keep every step in a graph",
+                "cuda_graphs: %d batch shapes are captured already; new shapes (first: %s) run eagerly. Pack "
+                "batches to one length (dataset.packed: true) to keep every step in a graph",
                 self._max_graphs,
                 _describe(signature),
             )
