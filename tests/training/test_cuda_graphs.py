@@ -165,3 +165,8 @@ def test_a_parameter_without_a_static_gradient_keeps_none():
     static = [torch.zeros(2), None]
     bind_static_grads(params, static)
     assert params[0].grad is static[0] and params[1].grad is None
+
+
+def test_a_graphed_step_needs_a_warm_up():
+    with pytest.raises(ValueError, match="warmup_calls >= 1"):
+        CudaGraphedMicroStep(lambda batch: None, [], CUDA, warmup_calls=0)

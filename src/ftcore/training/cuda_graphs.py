@@ -142,14 +142,15 @@ class CudaGraphedMicroStep:
         warmup_calls: int = WARMUP_CALLS,
         max_graphs: int = MAX_GRAPHS,
     ):
+        if warmup_calls < 1:  # the warm-up is also what finds the parameters the backward reaches
+            raise ValueError(f"CudaGraphedMicroStep needs warmup_calls >= 1, got {warmup_calls}")
         self._sum_loss_fn, self._eager = sum_loss_fn, eager_micro_step(sum_loss_fn)
         self._params, self._device = list(params), device
         self._warmup_calls, self._max_graphs = warmup_calls, max_graphs
         self._graphs: dict[Signature, _Captured] = {}
         self._eager_calls: Counter[Signature] = Counter()
-        self._grads: list[torch.Tensor | None] | None = (
-            None  # the static gradients, fixed at the first capture
-        )
+        # the static gradients, fixed at the first capture
+        self._grads: list[torch.Tensor | None] | None = None
         self._reached = [False] * len(self._params)  # which parameters the warm-up backward gave a gradient
         self._pool = None  # the graphs share one memory pool (torch.cuda.graph_pool_handle())
         self._warned_shapes = False
