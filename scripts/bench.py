@@ -265,11 +265,7 @@ def build_optimizer(params: list, lr: float, name: str, in_backward: bool) -> to
 def build_micro_step(args: argparse.Namespace, model, loss_fn, params: list, optimizer, device: torch.device):
     """The recipe's micro-step (ftcore.training.accumulation): eager, or replayed from CUDA graphs."""
     from ftcore.training.accumulation import eager_micro_step
-    from ftcore.training.cuda_graphs import (
-        CudaGraphedMicroStep,
-        check_cuda_graphs,
-        check_graph_safe_optimizer,
-    )
+    from ftcore.training.cuda_graphs import check_cuda_graphs, graphed_micro_step
 
     def sum_loss(batch):
         return loss_fn(model, batch)
@@ -283,8 +279,7 @@ def build_micro_step(args: argparse.Namespace, model, loss_fn, params: list, opt
         sharded=False,
         optimizer_in_backward=args.optimizer_in_backward,
     )
-    check_graph_safe_optimizer(optimizer)
-    return CudaGraphedMicroStep(sum_loss, params, device)
+    return graphed_micro_step(sum_loss, params, optimizer, device)
 
 
 def run_training(args: argparse.Namespace) -> dict:

@@ -51,9 +51,8 @@ class RunParts:
     logger: MetricLogger
     loss_fn: Callable
     settings: LoopSettings
-    micro_step: Callable | None = (
-        None  # None: eager; else the `cuda_graphs` step (ftcore.training.cuda_graphs)
-    )
+    # None: eager; else the `cuda_graphs` step (ftcore.training.cuda_graphs)
+    micro_step: Callable | None = None
 
     @property
     def is_main(self) -> bool:
@@ -201,11 +200,10 @@ def _build_graphed_step(cfg: DictConfig, model, trainable: list, optimizer, devi
     loss keeps static shapes (evaluation keeps the loss that skips masked positions)."""
     if not cfg.get("cuda_graphs", False):
         return None
-    from ftcore.training.cuda_graphs import CudaGraphedMicroStep, check_graph_safe_optimizer
+    from ftcore.training.cuda_graphs import graphed_micro_step
 
-    check_graph_safe_optimizer(optimizer)
     loss_fn = _build_loss(cfg, device, static_shapes=True)
-    return CudaGraphedMicroStep(lambda batch: loss_fn(model, batch), trainable, device)
+    return graphed_micro_step(lambda batch: loss_fn(model, batch), trainable, optimizer, device)
 
 
 def _check_vocab(tokenizer, model) -> None:

@@ -243,5 +243,13 @@ class CudaGraphedMicroStep:
             )
 
 
+def graphed_micro_step(
+    sum_loss_fn: SumLossFn, params: list[torch.nn.Parameter], optimizer, device: torch.device
+) -> CudaGraphedMicroStep:
+    """The `cuda_graphs` micro-step of a run whose settings `check_cuda_graphs` passed."""
+    check_graph_safe_optimizer(optimizer)
+    return CudaGraphedMicroStep(sum_loss_fn, params, device)
+
+
 def _describe(signature: Signature) -> str:
     return ", ".join(f"{key} {list(shape)}" for key, shape, _ in signature)
