@@ -371,14 +371,30 @@ def _profile_one_step(args, train_step, vocab: int, device: torch.device) -> Non
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     tokens = torch.randint(0, min(TOKEN_ID_HIGH, vocab), (args.bs, args.seq), device=device)
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         train_step(tokens)
         _sync(device)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     args.profile.parent.mkdir(parents=True, exist_ok=True)
-    args.profile.write_text(
-        prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=70)
-    )
+    kernels = prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=70)
+    args.profile.write_text(kernels + _memory_bound_ops_table(prof, sort_by))
+
+
+# The PyTorch ops whose kernels are memory-bound passes over activations (under a CUDA graph the ops are
+# hidden, so this table is only informative for eager runs): which shapes the copies and adds come from.
+MEMORY_BOUND_OPS = ("aten::copy_", "aten::add", "aten::add_", "aten::clone", "aten::mul", "aten::cat")
+
+
+def _memory_bound_ops_table(prof, sort_by: str) -> str:
+    rows = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in MEMORY_BOUND_OPS]
+    if not rows:
+        return ""
+    rows.sort(key=lambda e: -getattr(e, sort_by, 0))
+    lines = ["", "copies, adds and products by input shape (self device time, calls):"]
+    for event in rows[:40]:
+        device_us = getattr(event, sort_by, 0)
+        lines.append(f"{event.key:14s} {device_us / 1e3:9.3f} ms {event.count:6d}  {event.input_shapes}")
+    return "\n".join(lines) + "\n"
 
 
 @torch.no_grad()

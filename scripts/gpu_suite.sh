@@ -18,6 +18,9 @@
 #   graphs2         all GPU tests, then the same pairs again after the fused linear + cross-entropy of
 #                   frozen output weights (one graphed LoRA step profiled), and ftcore compiled 8B.
 #   graphs_memory   the CUDA-graph tests, and the reserved memory of graphed 8B LoRA and 3B full runs.
+#   memory          the changed GPU tests, the NF4 load peak (chunked quantization), graphed 3B full
+#                   (gradients assigned by the graph) beside eager and torchtune compiled, and one eager
+#                   8B LoRA step profiled with its copies and adds by input shape.
 # Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
 # suite's deadline (SUITE_BUDGET_S, default 510 s); a failing step never stops the next one.
 # Writes into $OUT (default ./gpu_out): suite.log (everything printed), results.jsonl (one JSON
@@ -27,7 +30,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
-[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2 or graphs_memory" >&2; exit 2; }
+[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory or memory" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -183,6 +186,15 @@ plan_graphs_memory() {
   vs_peer --model llama3_2_3b ftcore:full:eager:20:60:--fused,--cuda-graphs
 }
 
+plan_memory() {
+  step "pytest changed" 40 150 "${PY[@]}" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=5 \
+    tests/gpu/test_cuda.py tests/gpu/test_cuda_graphs_cuda.py
+  step "bench_load 8B qlora" 60 150 "${PY[@]}" scripts/bench_load.py --model llama3_1_8b --mode qlora --dir /tmp/ckpt_8b
+  vs_peer --model llama3_2_3b ftcore:full:eager:20:60:--fused,--cuda-graphs ftcore:full:eager:15:50:--fused \
+    peer:full:compile:50:100
+  vs_peer ftcore:lora:eager:25:60:--fused,--profile,$OUT/prof_lora_eager_ops.txt
+}
+
 plan_big() {
   vs_peer --model llama3_1_70b --bs 1 ftcore:qlora:eager:120:280 peer:qlora:compile:200:330
 }
@@ -199,6 +211,7 @@ case $PLAN in
   graphs) plan_graphs ;;
   graphs2) plan_graphs2 ;;
   graphs_memory) plan_graphs_memory ;;
+  memory) plan_memory ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"

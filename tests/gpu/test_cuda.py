@@ -56,6 +56,31 @@ def test_nf4_linear_input_gradient_matches_fp32_dequantized_linear_on_cuda():
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_loading_a_host_weight_into_nf4_adds_only_a_chunk_to_the_gpu():
+    # Llama-3.1-8B's gate projection, as a checkpoint hands it over: bf16 on the host (112 MiB).
+    from ftcore.modules.nf4 import QUANTIZE_CHUNK_WEIGHTS, NF4Linear, random_nf4, to_nf4
+
+    weight = (torch.randn(14336, 4096, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    layer = NF4Linear(4096, 14336, device="cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    layer.load_state_dict({"weight": weight})
+    transient = torch.cuda.max_memory_allocated() - before
+    # Less than the bf16 weight itself (quantizing it whole on the GPU held it and its NF4 parts: 140 MiB).
+    assert QUANTIZE_CHUNK_WEIGHTS * 2 < 2**25 and transient < weight.numel() * 2, (
+        f"{transient / 2**20:.1f} MiB"
+    )
+    whole = nf4_reference.quantize_nf4(weight.cuda())
+    assert torch.equal(layer.weight_packed.view(-1), whole.packed)
+    assert torch.equal(layer.weight_absmax.view(-1), whole.absmax)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    random_nf4(14336, 4096, 0.02, "cuda")
+    assert torch.cuda.max_memory_allocated() - before < weight.numel() * 2  # drawn whole in fp32: 448 MiB
+    assert torch.equal(to_nf4(weight, device="cuda").packed, whole.packed)
+
+
 def test_stories260k_greedy_output_on_cuda(assets):
     expected = (assets / "models" / "stories260K_greedy200_expected.txt").read_text(encoding="utf-8")
     cfg = OmegaConf.load(CONFIGS_DIR / "generate" / "stories260K.yaml")

@@ -8,7 +8,7 @@ from torch import nn
 
 from ftcore.kernels import nf4_bnb
 from ftcore.kernels import nf4_reference as ref
-from ftcore.modules.nf4 import NF4Linear, NF4Weight, nf4_linear, nf4_state_dict_mode, to_nf4
+from ftcore.modules.nf4 import NF4Linear, NF4Weight, nf4_linear, nf4_state_dict_mode, random_nf4, to_nf4
 
 
 def test_input_gradient_matches_fp32_dequantized_linear():
@@ -75,3 +75,32 @@ def test_bad_shapes_raise():
         NF4Linear(100, 8)
     with pytest.raises(ValueError, match="expects weight"):
         NF4Linear(64, 8).load_state_dict({"weight": torch.randn(8, 128)})
+
+
+def _same_parts(a, b) -> bool:
+    tensors = ("packed", "absmax", "nested_absmax", "offset")
+    return all(torch.equal(getattr(a, t), getattr(b, t)) for t in tensors) and a.shape == b.shape
+
+
+@pytest.mark.parametrize("chunk_weights", [64, 128 * 3, 128 * 40, 10**9])
+def test_chunked_quantization_gives_the_whole_tensor_bytes(chunk_weights):
+    # Blocks quantize independently; the double quantization must still see the whole absmax vector.
+    torch.manual_seed(0)
+    w = torch.randn(37, 128, dtype=torch.bfloat16) * torch.linspace(0.1, 3, 37)[:, None].bfloat16()
+    whole = ref.quantize_nf4(w)
+    chunked = to_nf4(w, chunk_weights=chunk_weights)
+    assert _same_parts(chunked, whole) and chunked.dtype == torch.bfloat16
+
+
+def test_weights_whose_rows_are_not_whole_blocks_quantize_as_one_chunk():
+    w = torch.randn(4, 96)  # a row holds 1.5 blocks: slicing rows would split a block
+    assert _same_parts(to_nf4(w, chunk_weights=96), ref.quantize_nf4(w))
+
+
+def test_random_nf4_draws_normal_weights_of_the_asked_shape():
+    torch.manual_seed(0)
+    parts = random_nf4(300, 256, std=0.02, device="cpu", chunk_weights=256 * 7)  # 43 chunks, the last short
+    weight = parts.dequantize(torch.float32)
+    assert weight.shape == (300, 256) and parts.packed.numel() == 300 * 128
+    assert abs(weight.std().item() - 0.02) < 0.002 and abs(weight.mean().item()) < 0.001
+    assert not torch.equal(weight[:7], weight[7:14])  # every chunk draws fresh numbers

@@ -123,6 +123,9 @@ def _dynamic_code_index(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return torch.where(x > val, above, below).to(torch.uint8)
 
 
+_CODE_SEARCH_SLICE = 1 << 18
+
+
 def quantize_blockwise_8bit(
     x: torch.Tensor, block_size: int = NESTED_BLOCK_SIZE
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,9 +138,16 @@ def quantize_blockwise_8bit(
         n_blocks, block_size
     )  # (n_blocks, block_size); zero padding leaves each max unchanged
     absmax = blocks.abs().amax(dim=1)
-    scaled = blocks * torch.reciprocal(absmax)[:, None]  # reciprocal then multiply, as bitsandbytes does
-    codes = _dynamic_code_index(scaled, dynamic_map(x.device))
-    return codes.reshape(-1)[:n], absmax
+    scaled = (blocks * torch.reciprocal(absmax)[:, None]).view(
+        -1
+    )  # reciprocal then multiply, as bitsandbytes
+    code, codes = dynamic_map(x.device), torch.empty(scaled.shape, dtype=torch.uint8, device=x.device)
+    # The search keeps ~10 int64/fp32 temporaries per value: in slices, they stay a few MiB while loading.
+    for start in range(0, scaled.numel(), _CODE_SEARCH_SLICE):
+        codes[start : start + _CODE_SEARCH_SLICE] = _dynamic_code_index(
+            scaled[start : start + _CODE_SEARCH_SLICE], code
+        )
+    return codes[:n], absmax
 
 
 def dequantize_blockwise_8bit(

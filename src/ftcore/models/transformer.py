@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftcore.kernels.nf4_reference import NF4Parts
+from ftcore.modules.nf4 import random_nf4
+
 
 @dataclass(frozen=True)
 class Llama3RopeScaling:
@@ -286,7 +289,7 @@ if TYPE_CHECKING:
         out_dim: int
         in_dim: int
 
-        def set_weight(self, weight: torch.Tensor) -> None: ...
+        def set_weight(self, weight: NF4Parts) -> None: ...
 
     class _LoRAInit(Protocol):
         def reset_lora_parameters(self) -> None: ...
@@ -428,8 +431,7 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
             elif hasattr(module, "set_weight"):  # NF4Linear: quantize a random float weight
                 # drawn on the module's device: an 8B model's worth of CPU randn took minutes
                 nf4 = cast("_NF4Init", module)
-                device = nf4.weight_packed.device
-                nf4.set_weight(torch.randn(nf4.out_dim, nf4.in_dim, device=device) * std)
+                nf4.set_weight(random_nf4(nf4.out_dim, nf4.in_dim, std, nf4.weight_packed.device))
             elif isinstance(getattr(module, "weight", None), nn.Parameter):  # LoRALinear's float base
                 nn.init.normal_(cast(nn.Parameter, module.weight), mean=0.0, std=std)
             if isinstance(getattr(module, "bias", None), nn.Parameter):

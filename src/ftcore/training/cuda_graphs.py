@@ -10,9 +10,12 @@ then one call replays them all. What replay needs, and how this module provides 
   eagerly, so pad or pack batches to a fixed length to stay inside the graphs.
 - Warm-up before capture. The first `warmup_calls` micro-batches of a signature run eagerly on a side
   stream, as PyTorch's CUDA-graph notes ask. That also compiles the Triton kernels first.
-- Gradients. The graph adds into the `.grad` tensors that existed when it was captured. After a
-  `zero_grad(set_to_none=True)` those tensors are put back, zeroed, before the next replay. So the
-  training loop needs no change, and gradient accumulation works.
+- Gradients. The first capture is of a step's first micro-batch (every `.grad` None): its backward
+  allocates each gradient in the graph's pool when it reaches it, as an eager backward does, so a full
+  fine-tune's gradients do not all sit beside the forward's activations. Those tensors are then the
+  static gradients: set as `.grad` after each replay of that graph, and added into (in place) by the
+  graphs of later micro-batches and of other shapes, which get them back, zeroed, after a
+  `zero_grad(set_to_none=True)`. So the training loop needs no change, and gradient accumulation works.
 - Random numbers (LoRA dropout). PyTorch's CUDA generator is graph-safe, so each replay draws fresh
   numbers.
 
@@ -27,6 +30,7 @@ import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -35,8 +39,9 @@ from ftcore.training.accumulation import SumLossFn, eager_micro_step
 log = logging.getLogger("ftcore")
 
 Signature = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+GraphKey = tuple[Signature, bool]  # (batch signature, whether the graph assigns the gradients)
 WARMUP_CALLS = 2  # eager micro-batches of a shape before its capture
-MAX_GRAPHS = 4  # distinct batch shapes kept as graphs; their memory pool is shared
+MAX_GRAPHS = 4  # distinct batch shapes kept as graphs (two graphs each with accumulation); one memory pool
 STEPS_IN_BACKWARD = ("cpu_offload_adamw", "CPUOffloadOptimizer")  # optimizer components refused up front
 
 
@@ -128,6 +133,7 @@ class _Captured:
     batch: dict[str, torch.Tensor]  # the static inputs each replay reads
     denominator: torch.Tensor  # 0-dim fp32, filled before each replay
     loss_sum: torch.Tensor  # the static output
+    assigns_grads: bool  # captured with every .grad None: it writes the static gradients, not adds
 
 
 class CudaGraphedMicroStep:
@@ -147,10 +153,11 @@ class CudaGraphedMicroStep:
         self._sum_loss_fn, self._eager = sum_loss_fn, eager_micro_step(sum_loss_fn)
         self._params, self._device = list(params), device
         self._warmup_calls, self._max_graphs = warmup_calls, max_graphs
-        self._graphs: dict[Signature, _Captured] = {}
+        self._graphs: dict[GraphKey, _Captured] = {}
         self._eager_calls: Counter[Signature] = Counter()
-        # the static gradients, fixed at the first capture
+        # the static gradients, fixed at the first capture; the signature whose graph assigns them
         self._grads: list[torch.Tensor | None] | None = None
+        self._assigning: Signature | None = None
         self._reached = [False] * len(self._params)  # which parameters the warm-up backward gave a gradient
         self._pool = None  # the graphs share one memory pool (torch.cuda.graph_pool_handle())
         self._warned_shapes = False
@@ -162,18 +169,21 @@ class CudaGraphedMicroStep:
 
     def __call__(self, batch: Mapping[str, torch.Tensor], denominator: int) -> torch.Tensor:
         signature = batch_signature(batch)
-        captured = self._graphs.get(signature)
+        fresh = all(p.grad is None for p in self._params)  # a step's first micro-batch
+        assigns = fresh and self._assigning in (None, signature)
+        captured = self._graphs.get((signature, assigns))
         if captured is None and self._grads is not None:
             bind_static_grads(self._params, self._grads)  # an eager backward then adds into them too
         if captured is None:
-            if len(self._graphs) >= self._max_graphs:
+            graphed_shapes = {key[0] for key in self._graphs}
+            if len(graphed_shapes) >= self._max_graphs and signature not in graphed_shapes:
                 self._warn_new_shape(signature)
                 return self._eager(batch, denominator)
             if self._eager_calls[signature] < self._warmup_calls:
                 self._eager_calls[signature] += 1
                 return self._warm_up(batch, denominator)
-            captured = self._capture(batch)
-            self._graphs[signature] = captured
+            captured = self._capture(batch, assigns)
+            self._graphs[(signature, assigns)] = captured
         return self._replay(captured, batch, denominator)
 
     def _warm_up(self, batch: Mapping[str, torch.Tensor], denominator: int) -> torch.Tensor:
@@ -188,20 +198,21 @@ class CudaGraphedMicroStep:
         self._reached = [seen or p.grad is not None for seen, p in zip(self._reached, self._params)]
         return loss
 
-    def _capture(self, batch: Mapping[str, torch.Tensor]) -> _Captured:
+    def _capture(self, batch: Mapping[str, torch.Tensor], assigns_grads: bool) -> _Captured:
         # Neither the static gradients (on this stream) nor the graph's private pool can reuse the blocks
         # the warm-ups left cached for the side stream: hand those back first, or the process reserves
         # the step's working memory twice.
         torch.cuda.synchronize(self._device)
         torch.cuda.empty_cache()
-        if self._grads is None:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # type: ignore[assignment]  # an opaque handle
+        if self._grads is None and not assigns_grads:  # first captured mid-accumulation: zeros to add into
             self._grads = [
                 (p.grad if p.grad is not None else torch.zeros_like(p)) if reached else None
                 for p, reached in zip(self._params, self._reached)
             ]
-            self._pool = torch.cuda.graph_pool_handle()  # type: ignore[assignment]  # an opaque handle
-        # With every .grad present the captured backward adds into them in place (accumulation).
-        bind_static_grads(self._params, self._grads)
+        if not assigns_grads:  # with every .grad present the captured backward adds into them in place
+            bind_static_grads(self._params, cast(list, self._grads))
         static_batch = {
             key: torch.empty(value.shape, dtype=value.dtype, device=self._device).copy_(value)
             for key, value in batch.items()
@@ -219,17 +230,25 @@ class CudaGraphedMicroStep:
                 "synchronizes with the host or has a shape that depends on the data (a custom loss must not "
                 "select the trained positions; LanguageModelLoss(skip_ignored=False) does not). Set cuda_graphs: false"
             ) from error
+        if assigns_grads:  # the tensors the backward allocated in the pool (None where it never reached)
+            self._grads = [p.grad for p in self._params]
+            self._assigning = batch_signature(batch)
         log.info("cuda_graphs: captured the step for batch %s", _describe(batch_signature(batch)))
-        return _Captured(graph, static_batch, denominator, loss_sum)
+        return _Captured(graph, static_batch, denominator, loss_sum, assigns_grads)
 
     def _replay(
         self, captured: _Captured, batch: Mapping[str, torch.Tensor], denominator: int
     ) -> torch.Tensor:
-        bind_static_grads(self._params, self._grads or [])
+        grads = cast(list, self._grads)  # set by the first capture
+        if not captured.assigns_grads:
+            bind_static_grads(self._params, grads)
         for key, value in batch.items():
             captured.batch[key].copy_(value, non_blocking=True)
         captured.denominator.fill_(float(denominator))
         captured.graph.replay()
+        if captured.assigns_grads:
+            for param, grad in zip(self._params, grads):
+                param.grad = grad
         return captured.loss_sum.clone()
 
     def _warn_new_shape(self, signature: Signature) -> None:
