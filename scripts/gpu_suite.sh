@@ -21,6 +21,8 @@
 #   memory          the changed GPU tests, the NF4 load peak (chunked quantization), graphed 3B full
 #                   (gradients assigned by the graph) beside eager and torchtune compiled, and one eager
 #                   8B LoRA step profiled with its copies and adds by input shape.
+#   inplace         the changed GPU tests, then graphed eager 8B LoRA (profiled) and QLoRA beside torchtune
+#                   compiled after the adapters' in-place addmm.
 # Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
 # suite's deadline (SUITE_BUDGET_S, default 510 s); a failing step never stops the next one.
 # Writes into $OUT (default ./gpu_out): suite.log (everything printed), results.jsonl (one JSON
@@ -30,7 +32,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
-[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory or memory" >&2; exit 2; }
+[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory or inplace" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -195,6 +197,13 @@ plan_memory() {
   vs_peer ftcore:lora:eager:25:60:--fused,--profile,$OUT/prof_lora_eager_ops.txt
 }
 
+plan_inplace() {
+  step "pytest changed" 40 150 "${PY[@]}" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=5 \
+    tests/gpu/test_cuda.py tests/gpu/test_cuda_graphs_cuda.py tests/gpu/test_fused_kernels_cuda.py
+  vs_peer ftcore:lora:eager:25:70:--fused,--cuda-graphs,--profile,$OUT/prof_lora_graphs.txt peer:lora:compile:60:110 \
+    ftcore:qlora:eager:25:70:--fused,--cuda-graphs peer:qlora:compile:60:110
+}
+
 plan_big() {
   vs_peer --model llama3_1_70b --bs 1 ftcore:qlora:eager:120:280 peer:qlora:compile:200:330
 }
@@ -212,6 +221,7 @@ case $PLAN in
   graphs2) plan_graphs2 ;;
   graphs_memory) plan_graphs_memory ;;
   memory) plan_memory ;;
+  inplace) plan_inplace ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"

@@ -112,12 +112,16 @@ def test_a_new_batch_shape_gets_its_own_graph_and_the_same_numbers():
 def test_a_graphed_full_fine_tune_peaks_no_higher_than_the_eager_one():
     # Gradients allocated as the captured backward reaches them, as in eager; gradients bound before the
     # capture would sit beside the forward's activations (the first version: +2.3 GiB on a 3B model).
-    data = batches(6, seq=256)
+    # Activations of the size of the gradients (4,096 tokens, 6 blocks of 1024 x 4096), so where the
+    # gradients live shows: bound up front they would add ~0.8 of their size to the peak. The graphed run
+    # also holds a cuBLAS workspace for each of its two extra streams (warm-up, capture): ~64 MiB.
+    sizes = {**SIZES, "dim": 1024, "hidden_dim": 4096, "n_layers": 6, "max_seq_len": 2048}
+    data = batches(4, seq=2048)
 
     def peak_over_training(graphed: bool) -> tuple[int, int]:
         torch.manual_seed(0)
         with CUDA:
-            model = transformer_decoder(**{**SIZES, "dim": 512, "hidden_dim": 1408})
+            model = transformer_decoder(**sizes)
         init_weights(model)
         model = parallelize(model, activation_checkpointing=True, fused_kernels=True)
         params = list(model.parameters())
@@ -131,7 +135,7 @@ def test_a_graphed_full_fine_tune_peaks_no_higher_than_the_eager_one():
 
     eager_peak, grad_bytes = peak_over_training(False)
     graphed_peak, _ = peak_over_training(True)
-    assert graphed_peak <= eager_peak + 0.2 * grad_bytes, (eager_peak, graphed_peak, grad_bytes)
+    assert graphed_peak <= eager_peak + 0.5 * grad_bytes, (eager_peak, graphed_peak, grad_bytes)
 
 
 def test_dropout_draws_fresh_masks_each_replay_and_the_recompute_redraws_the_forwards():
