@@ -67,7 +67,8 @@ def test_loading_a_host_weight_into_nf4_adds_only_a_chunk_to_the_gpu():
     torch.cuda.reset_peak_memory_stats()
     layer.load_state_dict({"weight": weight})
     transient = torch.cuda.max_memory_allocated() - before
-    # Less than the bf16 weight itself (quantizing it whole on the GPU held it and its NF4 parts: 140 MiB).
+    # Less than the bf16 weight itself (quantizing it whole on the GPU held it and its NF4 parts: 140 MiB;
+    # in chunks 63 MiB were measured on an H200, in a fresh process).
     assert QUANTIZE_CHUNK_WEIGHTS * 2 < 2**25 and transient < weight.numel() * 2, (
         f"{transient / 2**20:.1f} MiB"
     )
@@ -77,7 +78,8 @@ def test_loading_a_host_weight_into_nf4_adds_only_a_chunk_to_the_gpu():
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     random_nf4(14336, 4096, 0.02, "cuda")
-    assert torch.cuda.max_memory_allocated() - before < weight.numel() * 2  # drawn whole in fp32: 448 MiB
+    # drawn whole in fp32 it held 448 MiB; in chunks, one 16 MiB chunk and the parts, as loading does
+    assert torch.cuda.max_memory_allocated() - before < weight.numel() * 2
     assert torch.equal(to_nf4(weight, device="cuda").packed, whole.packed)
 
 

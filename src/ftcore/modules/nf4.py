@@ -88,12 +88,12 @@ def random_nf4(
     in_dim: int,
     std: float,
     device: torch.device | str,
-    chunk_weights: int = QUANTIZE_CHUNK_WEIGHTS,
+    chunk_weights: int = QUANTIZE_CHUNK_WEIGHTS // 2,  # drawn in float32: the bytes of a loading chunk
 ) -> NF4Weight:
     """A normal(0, std) (out_dim, in_dim) weight drawn and quantized a chunk of rows at a time on `device`."""
     rows = max(1, chunk_weights // in_dim)
     chunks = (
-        torch.randn(min(rows, out_dim - start), in_dim, device=device) * std
+        torch.randn(min(rows, out_dim - start), in_dim, device=device).mul_(std)
         for start in range(0, out_dim, rows)
     )
     shape = torch.Size((out_dim, in_dim))
