@@ -23,6 +23,8 @@
 #                   8B LoRA step profiled with its copies and adds by input shape.
 #   inplace         the changed GPU tests, then graphed eager 8B LoRA (profiled) and QLoRA beside torchtune
 #                   compiled after the adapters' in-place addmm.
+#   verify          all GPU tests, the NF4 load peak, ftcore compiled 8B LoRA and QLoRA beside torchtune
+#                   compiled LoRA.
 # Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
 # suite's deadline (SUITE_BUDGET_S, default 510 s); a failing step never stops the next one.
 # Writes into $OUT (default ./gpu_out): suite.log (everything printed), results.jsonl (one JSON
@@ -32,7 +34,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
-[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory or inplace" >&2; exit 2; }
+[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace or verify" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -204,6 +206,12 @@ plan_inplace() {
     ftcore:qlora:eager:25:70:--fused,--cuda-graphs peer:qlora:compile:60:110
 }
 
+plan_verify() {
+  step "pytest -m gpu" 60 240 "${PY[@]}" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=5 tests/gpu
+  step "bench_load 8B qlora" 60 120 "${PY[@]}" scripts/bench_load.py --model llama3_1_8b --mode qlora --dir /tmp/ckpt_8b
+  vs_peer ftcore:lora:compile:40:90 ftcore:qlora:compile:40:90 peer:lora:compile:50:100
+}
+
 plan_big() {
   vs_peer --model llama3_1_70b --bs 1 ftcore:qlora:eager:120:280 peer:qlora:compile:200:330
 }
@@ -222,6 +230,7 @@ case $PLAN in
   graphs_memory) plan_graphs_memory ;;
   memory) plan_memory ;;
   inplace) plan_inplace ;;
+  verify) plan_verify ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"
