@@ -253,3 +253,63 @@ def test_qlora_base_loads_float_weight_and_keeps_key_names():
     merged = get_merged_state_dict(qlora)
     assert set(merged) == {"weight", "bias"}
     torch.testing.assert_close(merged["weight"].float(), qlora.merged_weight().float())
+
+
+def _ops_in_backward(out: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """(aten op, output shape) of every op the backward of `out.sum()` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            shape = tuple(result.shape) if isinstance(result, torch.Tensor) else ()
+            self.ops.append((str(func.overloadpacket.__name__), shape))
+            return result
+
+    with Record() as record:
+        out.sum().backward()
+    return record.ops
+
+
+@pytest.mark.parametrize("quantize_base", [False, True], ids=["lora", "qlora"])
+def test_training_input_gradient_is_one_gemm_and_matches_the_formula(quantize_base):
+    # Reference: autograd through the formula, on the base weight as the layer sees it (dequantized NF4).
+    torch.manual_seed(0)
+    layer = LoRALinear(128, 64, RANK, ALPHA, quantize_base=quantize_base)
+    if quantize_base:
+        layer.load_state_dict({"weight": torch.randn(64, 128) * 0.1}, strict=False)
+    nn.init.normal_(layer.lora_b.weight)
+    x = torch.randn(2, 7, 128, requires_grad=True)
+    out = layer(x)
+    ops = _ops_in_backward(out)
+    # autograd would sum the base's and the adapter's input gradients with one add over (tokens, in)
+    assert not [op for op, shape in ops if op in ("add", "add_") and shape == (14, 128)], ops
+    assert ("addmm_", (14, 128)) in ops
+    w = (layer.nf4_base.weight_nf4.dequantize(torch.float32) if quantize_base else layer.weight).double()
+    a, b = layer.lora_a.weight.detach().double(), layer.lora_b.weight.detach().double()
+    x64 = x.detach().double().requires_grad_(True)
+    a64, b64 = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    expected = x64 @ w.T + (ALPHA / RANK) * (x64 @ a64.T @ b64.T)
+    expected.sum().backward()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_a.weight.grad.double(), a64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_b.weight.grad.double(), b64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_an_input_without_gradient_gets_none_and_bf16_matches_fp32():
+    torch.manual_seed(0)
+    layer = LoRALinear(128, 64, RANK, ALPHA).to(torch.bfloat16)
+    nn.init.normal_(layer.lora_b.weight)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)  # the first block's input: frozen embeddings
+    layer(x).float().square().sum().backward()
+    grads_bf16 = [layer.lora_a.weight.grad.float(), layer.lora_b.weight.grad.float()]
+    layer32 = LoRALinear(128, 64, RANK, ALPHA)
+    layer32.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
+    layer32(x.float()).square().sum().backward()
+    for ours, reference in zip(grads_bf16, [layer32.lora_a.weight.grad, layer32.lora_b.weight.grad]):
+        torch.testing.assert_close(ours, reference, rtol=0.05, atol=0.05 * reference.abs().max().item())

@@ -45,6 +45,15 @@ def forward_backward(fn, x: torch.Tensor, grad_out: torch.Tensor, params: list[n
     return y.detach(), x.grad, [p.grad.clone() for p in params]
 
 
+def assert_compiled_matches_eager(compiled, eager) -> None:
+    """The output bit-equal; gradients to fp32 rounding: eager training runs the layer as one autograd node
+    (ftcore.modules.lora_matmul, the adapter's input gradient added inside the base GEMM), compiled runs
+    the plain ops, whose products the compiler may orient and sum differently."""
+    (y_c, *grads_c), (y_e, *grads_e) = compiled, eager
+    torch.testing.assert_close(y_c, y_e, rtol=0, atol=0)
+    torch.testing.assert_close(grads_c, grads_e, rtol=1e-5, atol=1e-6)
+
+
 def compile_and_run(module: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.fx.GraphModule]:
     """(fake tensors the compiled forward saves for backward, the backward graph) after one fwd + bwd.
 
@@ -89,7 +98,7 @@ def test_compiled_qlora_layer_matches_eager_and_fp32_reference(use_bias):
         "the compiled region traced an lru_cache helper"
     )
     eager = forward_backward(layer, x, grad_out, params)
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    assert_compiled_matches_eager(compiled, eager)
     # Independent path: plain torch ops on the reference-dequantized fp32 weight (QLoRA: W0 x + s B A x + b).
     w_deq = ref.dequantize_nf4(ref.quantize_nf4(w0), torch.float32)
     a, b = (p.detach().clone().requires_grad_(True) for p in params)
@@ -123,7 +132,7 @@ def test_compiled_activation_checkpointed_layer_matches_eager():
     compiled = forward_backward(
         torch.compile(checkpointed, fullgraph=True, backend="aot_eager"), x, grad_out, params
     )
-    torch.testing.assert_close(compiled, forward_backward(layer, x, grad_out, params), rtol=0, atol=0)
+    assert_compiled_matches_eager(compiled, forward_backward(layer, x, grad_out, params))
 
 
 def test_eager_backward_saves_no_float_weight():

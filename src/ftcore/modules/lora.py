@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftcore.modules.lora_matmul import lora_matmul
+
 # State-dict names (relative to a LoRALinear) of the trainable adapter tensors.
 ADAPTER_PARAM_NAMES = ("lora_a.weight", "lora_b.weight", "magnitude")
 
@@ -131,15 +133,33 @@ class LoRALinear(nn.Module):
             weight_norm = self._adapted_weight().norm(p=2, dim=1).detach()
             out = (self.magnitude / weight_norm).to(out.dtype) * (out + lora_out)
         else:
-            # On (tokens, in) rows the base output is a fresh 2-D tensor, which the adapter's product
-            # can then be added into in place (see _add_scaled_product).
-            rows = x.reshape(-1, x.shape[-1])
-            hidden = self.lora_a(self.dropout(rows))  # (tokens, rank)
-            out = _add_scaled_product(self._base_forward(rows), hidden, self.lora_b.weight, self.scaling)
+            rows = x.reshape(-1, x.shape[-1])  # (tokens, in)
+            if self._fuses_backward(rows):
+                base = self.nf4_base.weight_nf4 if self.quantize_base else self.weight
+                out = lora_matmul(rows, base, self.lora_a.weight, self.lora_b.weight, self.scaling)
+            else:
+                # On rows the base output is a fresh 2-D tensor, which the adapter's product can then be
+                # added into in place (see _add_scaled_product).
+                hidden = self.lora_a(self.dropout(rows))  # (tokens, rank)
+                out = _add_scaled_product(self._base_forward(rows), hidden, self.lora_b.weight, self.scaling)
             out = out.view(*x.shape[:-1], self.out_dim)
         if self.bias is not None:
             out = out + self.bias
         return out
+
+    def _fuses_backward(self, rows: torch.Tensor) -> bool:
+        """Whether `lora_matmul` (input gradient in one GEMM) takes this call: eager training, no dropout,
+        adapters in the input's dtype and a frozen base (float in that dtype too, or NF4)."""
+        dtype = rows.dtype
+        if (
+            torch.compiler.is_compiling()
+            or not torch.is_grad_enabled()
+            or not isinstance(self.dropout, nn.Identity)
+        ):
+            return False
+        if not (self.lora_a.weight.dtype == self.lora_b.weight.dtype == dtype):
+            return False
+        return self.quantize_base or (self.weight.dtype == dtype and not self.weight.requires_grad)
 
     def merged_weight(self) -> torch.Tensor:
         """The weight that gives this layer's adapted output in one matmul, (out, in), base dtype."""
