@@ -25,6 +25,8 @@
 #                   compiled after the adapters' in-place addmm.
 #   verify          all GPU tests, the NF4 load peak, ftcore compiled 8B LoRA and QLoRA beside torchtune
 #                   compiled LoRA.
+#   lora_node       the GPU tests that train LoRA, then graphed eager 8B LoRA (profiled) and QLoRA beside
+#                   torchtune compiled, and eager 8B LoRA without graphs, after the one-node LoRA layer.
 # Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
 # suite's deadline (SUITE_BUDGET_S, default 510 s); a failing step never stops the next one.
 # Writes into $OUT (default ./gpu_out): suite.log (everything printed), results.jsonl (one JSON
@@ -34,7 +36,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
-[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace or verify" >&2; exit 2; }
+[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify|lora_node)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace, verify or lora_node" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -212,6 +214,14 @@ plan_verify() {
   vs_peer ftcore:lora:compile:40:90 ftcore:qlora:compile:40:90 peer:lora:compile:50:100
 }
 
+plan_lora_node() {
+  step "pytest LoRA" 40 170 "${PY[@]}" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=5 \
+    tests/gpu/test_cuda.py tests/gpu/test_cuda_graphs_cuda.py tests/gpu/test_fused_kernels_cuda.py \
+    tests/gpu/test_activation_offload_cuda.py
+  vs_peer ftcore:lora:eager:25:70:--fused,--cuda-graphs,--profile,$OUT/prof_lora_node.txt peer:lora:compile:60:110 \
+    ftcore:qlora:eager:25:70:--fused,--cuda-graphs peer:qlora:compile:60:110 ftcore:lora:eager:20:50:--fused
+}
+
 plan_big() {
   vs_peer --model llama3_1_70b --bs 1 ftcore:qlora:eager:120:280 peer:qlora:compile:200:330
 }
@@ -231,6 +241,7 @@ case $PLAN in
   memory) plan_memory ;;
   inplace) plan_inplace ;;
   verify) plan_verify ;;
+  lora_node) plan_lora_node ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"
