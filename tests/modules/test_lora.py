@@ -78,7 +78,8 @@ def test_forward_and_grads_match_peft(use_dora, bias):
 
 
 def test_scaled_adapter_add_matches_the_formula_in_float64():
-    # the layer takes the one-addmm path; the helper's plain fallback (a non-contiguous output) agrees
+    # the layer takes its one-node training path (lora_matmul); the helper's in-place addmm (no grad) and
+    # its plain fallback (a non-contiguous output) agree
     torch.manual_seed(0)
     layer = LoRALinear(IN, OUT, RANK, ALPHA)
     nn.init.normal_(layer.lora_b.weight)
@@ -91,6 +92,8 @@ def test_scaled_adapter_add_matches_the_formula_in_float64():
     x64 = x.detach().double().requires_grad_(True)
     (x64 @ layer.weight.double().T + (ALPHA / RANK) * (x64 @ a.T @ b.T)).square().sum().backward()
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
     base, hidden = torch.randn(OUT, 7).T, torch.randn(7, RANK)  # base (7, OUT) is a transposed view
     fallback = _add_scaled_product(base, hidden, layer.lora_b.weight.detach(), 0.5)
     torch.testing.assert_close(fallback, base + 0.5 * hidden @ layer.lora_b.weight.detach().T)

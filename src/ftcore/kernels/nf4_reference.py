@@ -138,9 +138,8 @@ def quantize_blockwise_8bit(
         n_blocks, block_size
     )  # (n_blocks, block_size); zero padding leaves each max unchanged
     absmax = blocks.abs().amax(dim=1)
-    scaled = (blocks * torch.reciprocal(absmax)[:, None]).view(
-        -1
-    )  # reciprocal then multiply, as bitsandbytes
+    # reciprocal then multiply, as bitsandbytes does
+    scaled = (blocks * torch.reciprocal(absmax)[:, None]).view(-1)
     code, codes = dynamic_map(x.device), torch.empty(scaled.shape, dtype=torch.uint8, device=x.device)
     # The search keeps ~10 int64/fp32 temporaries per value: in slices, they stay a few MiB while loading.
     for start in range(0, scaled.numel(), _CODE_SEARCH_SLICE):

@@ -217,7 +217,7 @@ def _add_scaled_product(out: torch.Tensor, hidden: torch.Tensor, weight: torch.T
     dtypes differ (adapters kept in float32 on a bf16 base) or `out` is not contiguous."""
     if not (out.dtype == hidden.dtype == weight.dtype and out.is_contiguous()):
         return out + scale * F.linear(hidden, weight)
-    return out.addmm_(hidden, weight.t(), alpha=scale).view(out.shape)
+    return out.addmm_(hidden, weight.t(), alpha=scale)
 
 
 def _flatten_nf4_keys(module, state_dict, prefix, local_metadata) -> None:
