@@ -170,7 +170,8 @@ class CudaGraphedMicroStep:
     def __call__(self, batch: Mapping[str, torch.Tensor], denominator: int) -> torch.Tensor:
         signature = batch_signature(batch)
         fresh = all(p.grad is None for p in self._params)  # a step's first micro-batch
-        assigns = fresh and self._assigning in (None, signature)
+        # Only the very first capture may allocate the static gradients; every later graph adds into them.
+        assigns = fresh and (self._grads is None or self._assigning == signature)
         captured = self._graphs.get((signature, assigns))
         if captured is None and self._grads is not None:
             bind_static_grads(self._params, self._grads)  # an eager backward then adds into them too
