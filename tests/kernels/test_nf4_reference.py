@@ -116,3 +116,12 @@ def test_dispatch_dequantize_into_out_on_cpu():
     out = torch.full((16, 128), float("nan"), dtype=torch.bfloat16)
     assert kernels.dequantize_nf4(parts, torch.bfloat16, out=out) is out
     assert torch.equal(out, ref.dequantize_nf4(parts, torch.bfloat16))
+
+
+def test_the_8bit_code_search_in_slices_equals_one_search():
+    # quantize_blockwise_8bit searches the dynamic code in slices of 2**18 values (memory while loading)
+    torch.manual_seed(0)
+    x = torch.randn(2**18 * 2 + 4096) * torch.linspace(0.01, 3.0, 2**18 * 2 + 4096)
+    codes, absmax = ref.quantize_blockwise_8bit(x)
+    scaled = x.view(-1, ref.NESTED_BLOCK_SIZE) * torch.reciprocal(absmax)[:, None]
+    assert torch.equal(codes, ref._dynamic_code_index(scaled.view(-1), ref.dynamic_map()))

@@ -304,7 +304,7 @@ def test_training_input_gradient_is_one_gemm_and_matches_the_formula(quantize_ba
     torch.testing.assert_close(layer.lora_b.weight.grad.double(), b64.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_an_input_without_gradient_gets_none_and_bf16_matches_fp32():
+def test_adapters_train_in_bf16_when_the_input_needs_no_gradient():
     torch.manual_seed(0)
     layer = LoRALinear(128, 64, RANK, ALPHA).to(torch.bfloat16)
     nn.init.normal_(layer.lora_b.weight)
@@ -316,3 +316,37 @@ def test_an_input_without_gradient_gets_none_and_bf16_matches_fp32():
     layer32(x.float()).square().sum().backward()
     for ours, reference in zip(grads_bf16, [layer32.lora_a.weight.grad, layer32.lora_b.weight.grad]):
         torch.testing.assert_close(ours, reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+
+
+@pytest.mark.parametrize("nf4_path", [None, "gemv"], ids=["float-base", "nf4-gemv-path"])
+def test_the_in_place_adapter_add_trains_like_the_formula(monkeypatch, nf4_path):
+    # With dropout (here inactive: eval mode) the layer keeps separate ops and adds the adapter's product
+    # into the base output in place. The NF4 base's GEMV/fused paths returned a view, which autograd
+    # forbids modifying in place; a stand-in GEMV (the dequantized matmul) takes that path on CPU.
+    from types import SimpleNamespace
+
+    from ftcore import kernels
+    from ftcore.kernels import nf4_reference as ref
+
+    if nf4_path:
+        dequant = lambda parts: ref.dequantize_nf4(parts, torch.float32)  # noqa: E731
+        gemv = SimpleNamespace(nf4_gemv=lambda x, parts, bias: x @ dequant(parts).T)
+        monkeypatch.setattr(kernels, "nf4_gemv_triton", gemv)
+        monkeypatch.setattr(kernels, "nf4_matmul_path", lambda *args, **kwargs: nf4_path)
+    torch.manual_seed(0)
+    layer = LoRALinear(128, 64, RANK, ALPHA, dropout=0.1, quantize_base=nf4_path is not None).eval()
+    nn.init.normal_(layer.lora_b.weight)
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    layer(x).square().sum().backward()
+    w = layer.nf4_base.weight_nf4.dequantize(torch.float32) if nf4_path else layer.weight.detach()
+    a64, b64 = (t.detach().double().requires_grad_(True) for t in (layer.lora_a.weight, layer.lora_b.weight))
+    x64 = x.detach().double().requires_grad_(True)
+    (x64 @ w.double().T + (ALPHA / RANK) * (x64 @ a64.T @ b64.T)).square().sum().backward()
+    for ours, reference in [
+        (x.grad, x64.grad),
+        (layer.lora_a.weight.grad, a64.grad),
+        (layer.lora_b.weight.grad, b64.grad),
+    ]:
+        # fp32 against float64 sums of squares of O(10) outputs
+        atol = 1e-5 * reference.abs().max().item()
+        torch.testing.assert_close(ours.double(), reference, rtol=1e-4, atol=atol)

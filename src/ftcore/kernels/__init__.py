@@ -145,7 +145,8 @@ def _nf4_linear_forward(
     if path != "dequant":
         matmul = nf4_gemv_triton.nf4_gemv if path == "gemv" else nf4_matmul_triton.nf4_matmul
         y = matmul(x.reshape(-1, x.shape[-1]), parts, bias)  # (tokens, out)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        # 2-D input (LoRALinear's rows): y itself, not a view, so the adapter can add into it in place
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
     return F.linear(x, dequantize_nf4(parts, x.dtype), bias)
 
 

@@ -39,11 +39,10 @@ class _LoRAMatmul(torch.autograd.Function):
         x, lora_a, lora_b, hidden, weight, packed, absmax, nested_absmax, offset = ctx.saved_tensors
         needs_x, needs_a, needs_b = ctx.needs_input_grad[:3]
         grad = grad.contiguous()
-        # The adapters' gradients as autograd forms them for the unfused ops (the same products in the
-        # same orientation), so eager and compiled runs give the same adapter gradients.
         grad_hidden = torch.mm(grad, lora_b).mul_(ctx.scale)  # (tokens, rank)
-        grad_b = torch.mm(hidden.t(), grad).mul_(ctx.scale).t() if needs_b else None
-        grad_a = torch.mm(x.t(), grad_hidden).t() if needs_a else None
+        # in the parameters' own (row-major) layout, so AccumulateGrad takes them without a copy
+        grad_b = torch.mm(grad.t(), hidden).mul_(ctx.scale) if needs_b else None
+        grad_a = torch.mm(grad_hidden.t(), x) if needs_a else None
         grad_x = None
         if needs_x:
             if weight is None:

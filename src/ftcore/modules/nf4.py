@@ -91,7 +91,8 @@ def random_nf4(
     chunk_weights: int = QUANTIZE_CHUNK_WEIGHTS // 2,  # drawn in float32: the bytes of a loading chunk
 ) -> NF4Weight:
     """A normal(0, std) (out_dim, in_dim) weight drawn and quantized a chunk of rows at a time on `device`."""
-    rows = max(1, chunk_weights // in_dim)
+    # a chunk of rows holds whole blocks only when a row does; otherwise one chunk
+    rows = max(1, chunk_weights // in_dim if in_dim % NF4_BLOCK_SIZE == 0 else out_dim)
     chunks = (
         torch.randn(min(rows, out_dim - start), in_dim, device=device).mul_(std)
         for start in range(0, out_dim, rows)

@@ -10,7 +10,8 @@ then one call replays them all. What replay needs, and how this module provides 
   eagerly, so pad or pack batches to a fixed length to stay inside the graphs.
 - Warm-up before capture. The first `warmup_calls` micro-batches of a signature run eagerly on a side
   stream, as PyTorch's CUDA-graph notes ask. That also compiles the Triton kernels first.
-- Gradients. The first capture is of a step's first micro-batch (every `.grad` None): its backward
+- Gradients. The first capture is of a step's first micro-batch (every `.grad` None; until one comes,
+  after the warm-ups, micro-batches run eagerly): its backward
   allocates each gradient in the graph's pool when it reaches it, as an eager backward does, so a full
   fine-tune's gradients do not all sit beside the forward's activations. Those tensors are then the
   static gradients: set as `.grad` after each replay of that graph, and added into (in place) by the
@@ -42,6 +43,7 @@ Signature = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
 GraphKey = tuple[Signature, bool]  # (batch signature, whether the graph assigns the gradients)
 WARMUP_CALLS = 2  # eager micro-batches of a shape before its capture
 MAX_GRAPHS = 4  # distinct batch shapes kept as graphs (two graphs each with accumulation); one memory pool
+WAITS_BEFORE_WARNING = 16  # eager micro-batches waiting for a step's first one before the first capture
 STEPS_IN_BACKWARD = ("cpu_offload_adamw", "CPUOffloadOptimizer")  # optimizer components refused up front
 
 
@@ -161,6 +163,7 @@ class CudaGraphedMicroStep:
         self._reached = [False] * len(self._params)  # which parameters the warm-up backward gave a gradient
         self._pool = None  # the graphs share one memory pool (torch.cuda.graph_pool_handle())
         self._warned_shapes = False
+        self._waits = 0  # micro-batches run eagerly because none had started a step yet
         self._side_stream: torch.cuda.Stream | None = None
 
     @property
@@ -182,6 +185,9 @@ class CudaGraphedMicroStep:
                 return self._eager(batch, denominator)
             if self._eager_calls[signature] < self._warmup_calls:
                 self._eager_calls[signature] += 1
+                return self._warm_up(batch, denominator)
+            if self._grads is None and not assigns:  # wait for a step's first micro-batch to capture first
+                self._warn_no_fresh_step()
                 return self._warm_up(batch, denominator)
             captured = self._capture(batch, assigns)
             self._graphs[(signature, assigns)] = captured
@@ -207,13 +213,15 @@ class CudaGraphedMicroStep:
         torch.cuda.empty_cache()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # type: ignore[assignment]  # an opaque handle
-        if self._grads is None and not assigns_grads:  # first captured mid-accumulation: zeros to add into
-            self._grads = [
-                (p.grad if p.grad is not None else torch.zeros_like(p)) if reached else None
-                for p, reached in zip(self._params, self._reached)
-            ]
-        if not assigns_grads:  # with every .grad present the captured backward adds into them in place
-            bind_static_grads(self._params, cast(list, self._grads))
+        if not assigns_grads:
+            # With every .grad present the captured backward adds into them in place. A parameter that
+            # this shape's warm-ups reached but the first graph did not gets a static gradient now:
+            # allocated by this capture, it would be freed by zero_grad while the graph still writes it.
+            grads = cast(list, self._grads)  # the first capture assigned them
+            for index, (param, reached) in enumerate(zip(self._params, self._reached)):
+                if reached and grads[index] is None:
+                    grads[index] = torch.zeros_like(param)
+            bind_static_grads(self._params, grads)
         static_batch = {
             key: torch.empty(value.shape, dtype=value.dtype, device=self._device).copy_(value)
             for key, value in batch.items()
@@ -251,6 +259,15 @@ class CudaGraphedMicroStep:
             for param, grad in zip(self._params, grads):
                 param.grad = grad
         return captured.loss_sum.clone()
+
+    def _warn_no_fresh_step(self) -> None:
+        self._waits += 1
+        if self._waits == WAITS_BEFORE_WARNING:
+            log.warning(
+                "cuda_graphs: %d micro-batches ran eagerly waiting for one that starts a step with every .grad "
+                "None, which the first graph is captured from; clear gradients with zero_grad(set_to_none=True)",
+                self._waits,
+            )
 
     def _warn_new_shape(self, signature: Signature) -> None:
         if not self._warned_shapes:
