@@ -135,7 +135,9 @@ class _Captured:
     batch: dict[str, torch.Tensor]  # the static inputs each replay reads
     denominator: torch.Tensor  # 0-dim fp32, filled before each replay
     loss_sum: torch.Tensor  # the static output
-    assigns_grads: bool  # captured with every .grad None: it writes the static gradients, not adds
+    # Captured with every .grad None: the gradients it writes (None where its backward never reaches),
+    # set as .grad after each replay. None for a graph that adds into the bound static gradients.
+    assigned_grads: list[torch.Tensor | None] | None
 
 
 class CudaGraphedMicroStep:
@@ -239,25 +241,26 @@ class CudaGraphedMicroStep:
                 "synchronizes with the host or has a shape that depends on the data (a custom loss must not "
                 "select the trained positions; LanguageModelLoss(skip_ignored=False) does not). Set cuda_graphs: false"
             ) from error
+        assigned = None
         if assigns_grads:  # the tensors the backward allocated in the pool (None where it never reached)
-            self._grads = [p.grad for p in self._params]
-            self._assigning = batch_signature(batch)
+            assigned = [p.grad for p in self._params]
+            self._grads, self._assigning = list(assigned), batch_signature(batch)
         log.info("cuda_graphs: captured the step for batch %s", _describe(batch_signature(batch)))
-        return _Captured(graph, static_batch, denominator, loss_sum, assigns_grads)
+        return _Captured(graph, static_batch, denominator, loss_sum, assigned)
 
     def _replay(
         self, captured: _Captured, batch: Mapping[str, torch.Tensor], denominator: int
     ) -> torch.Tensor:
-        grads = cast(list, self._grads)  # set by the first capture
-        if not captured.assigns_grads:
-            bind_static_grads(self._params, grads)
+        if captured.assigned_grads is None:
+            bind_static_grads(self._params, cast(list, self._grads))  # set by the first capture
         for key, value in batch.items():
             captured.batch[key].copy_(value, non_blocking=True)
         captured.denominator.fill_(float(denominator))
         captured.graph.replay()
-        if captured.assigns_grads:
-            for param, grad in zip(self._params, grads):
-                param.grad = grad
+        # Only what this graph wrote: a static gradient added later for another shape's parameters
+        # still holds the last step's values, and an eager step would leave those .grad None.
+        for param, grad in zip(self._params, captured.assigned_grads or ()):
+            param.grad = grad
         return captured.loss_sum.clone()
 
     def _warn_no_fresh_step(self) -> None:
