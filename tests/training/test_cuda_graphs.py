@@ -25,6 +25,7 @@ from ftcore.training.cuda_graphs import (
     bind_static_grads,
     check_cuda_graphs,
     check_graph_safe_optimizer,
+    parameter_fingerprint,
 )
 
 CUDA = torch.device("cuda")
@@ -170,3 +171,17 @@ def test_a_parameter_without_a_static_gradient_keeps_none():
 def test_a_graphed_step_needs_a_warm_up():
     with pytest.raises(ValueError, match="warmup_calls >= 1"):
         CudaGraphedMicroStep(lambda batch: None, [], CUDA, warmup_calls=0)
+
+
+def test_a_replay_after_a_parameter_moved_or_was_frozen_is_refused():
+    params = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))]
+    step = CudaGraphedMicroStep(lambda batch: (torch.zeros(()), 0), params, torch.device("cpu"))
+    step._captured_params = parameter_fingerprint(params)  # as the first capture records them
+    step._check_parameters_unchanged()  # nothing changed: passes
+    params[1].requires_grad_(False)
+    with pytest.raises(RuntimeError, match="parameter 1 .* requires_grad changed"):
+        step._check_parameters_unchanged()
+    params[1].requires_grad_(True)
+    params[0].data = torch.zeros(4)  # new memory, as .to() or load_state_dict(assign=True) give
+    with pytest.raises(RuntimeError, match="parameter 0 was moved to new memory"):
+        step._check_parameters_unchanged()

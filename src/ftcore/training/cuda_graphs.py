@@ -110,6 +110,11 @@ def batch_signature(batch: Mapping[str, torch.Tensor]) -> Signature:
     return tuple(signature)
 
 
+def parameter_fingerprint(params: list[torch.nn.Parameter]) -> list[tuple[int, bool]]:
+    """What a captured graph fixes about the trained parameters: their addresses and trainability."""
+    return [(param.data_ptr(), param.requires_grad) for param in params]
+
+
 def bind_static_grads(params: list[torch.nn.Parameter], static: list[torch.Tensor | None]) -> None:
     """Make each parameter's `.grad` the tensor the graphs add into, keeping its current value.
 
@@ -166,6 +171,7 @@ class CudaGraphedMicroStep:
         self._pool = None  # the graphs share one memory pool (torch.cuda.graph_pool_handle())
         self._warned_shapes = False
         self._waits = 0  # micro-batches run eagerly because none had started a step yet
+        self._captured_params: list[tuple[int, bool]] | None = None  # (address, requires_grad) at capture
         self._side_stream: torch.cuda.Stream | None = None
 
     @property
@@ -245,12 +251,27 @@ class CudaGraphedMicroStep:
         if assigns_grads:  # the tensors the backward allocated in the pool (None where it never reached)
             assigned = [p.grad for p in self._params]
             self._grads, self._assigning = list(assigned), batch_signature(batch)
+        if self._captured_params is None:
+            self._captured_params = parameter_fingerprint(self._params)
         log.info("cuda_graphs: captured the step for batch %s", _describe(batch_signature(batch)))
         return _Captured(graph, static_batch, denominator, loss_sum, assigned)
+
+    def _check_parameters_unchanged(self) -> None:
+        # A graph reads and writes fixed addresses: a parameter moved to new memory (`.to()`, a load
+        # with assign=True) or (un)frozen after capture would be trained on stale memory, silently.
+        now = parameter_fingerprint(self._params)
+        if self._captured_params is not None and now != self._captured_params:
+            changed = next(i for i, (a, b) in enumerate(zip(now, self._captured_params)) if a != b)
+            raise RuntimeError(
+                f"cuda_graphs: trained parameter {changed} was moved to new memory or had requires_grad "
+                "changed after the step was captured, so the graph would use stale memory; keep the "
+                "parameters in place during training, or set cuda_graphs: false"
+            )
 
     def _replay(
         self, captured: _Captured, batch: Mapping[str, torch.Tensor], denominator: int
     ) -> torch.Tensor:
+        self._check_parameters_unchanged()
         if captured.assigned_grads is None:
             bind_static_grads(self._params, cast(list, self._grads))  # set by the first capture
         for key, value in batch.items():
