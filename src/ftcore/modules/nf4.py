@@ -91,8 +91,7 @@ def random_nf4(
     chunk_weights: int = QUANTIZE_CHUNK_WEIGHTS // 2,  # drawn in float32: the bytes of a loading chunk
 ) -> NF4Weight:
     """A normal(0, std) (out_dim, in_dim) weight drawn and quantized a chunk of rows at a time on `device`."""
-    # a chunk of rows holds whole blocks only when a row does; otherwise one chunk
-    rows = max(1, chunk_weights // in_dim if in_dim % NF4_BLOCK_SIZE == 0 else out_dim)
+    rows = _rows_per_chunk(out_dim, in_dim, NF4_BLOCK_SIZE, chunk_weights)
     chunks = (
         torch.randn(min(rows, out_dim - start), in_dim, device=device).mul_(std)
         for start in range(0, out_dim, rows)
@@ -103,13 +102,20 @@ def random_nf4(
 
 def _row_chunks(weight: torch.Tensor, block_size: int, chunk_weights: int) -> Iterator[torch.Tensor]:
     """Consecutive slices along dim 0, each a whole number of NF4 blocks (else the weight as one chunk)."""
-    row_weights = math.prod(weight.shape[1:])
-    if weight.dim() < 2 or weight.shape[0] == 0 or row_weights % block_size:
+    if weight.dim() < 2 or weight.shape[0] == 0:
         yield weight
         return
-    rows = max(1, chunk_weights // row_weights)
+    rows = _rows_per_chunk(weight.shape[0], math.prod(weight.shape[1:]), block_size, chunk_weights)
     for start in range(0, weight.shape[0], rows):
         yield weight[start : start + rows]
+
+
+def _rows_per_chunk(n_rows: int, row_weights: int, block_size: int, chunk_weights: int) -> int:
+    """Rows quantized per step: about `chunk_weights` weights, or all rows when a row is not a whole
+    number of blocks (a slice between rows would then split a block)."""
+    if row_weights % block_size:
+        return max(1, n_rows)
+    return max(1, chunk_weights // row_weights)
 
 
 def quantize_row_chunks(
