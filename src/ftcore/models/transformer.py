@@ -21,9 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftcore.kernels.nf4_reference import NF4Parts
-from ftcore.modules.nf4 import random_nf4
-
 
 @dataclass(frozen=True)
 class Llama3RopeScaling:
@@ -271,6 +268,7 @@ class TransformerBlock(nn.Module):
 
 
 if TYPE_CHECKING:
+    from ftcore.kernels.nf4_reference import NF4Parts
 
     class _Blocks(nn.ModuleList):
         """For the type checker only: `TransformerDecoder.layers` is an nn.ModuleList of TransformerBlocks."""
@@ -430,6 +428,8 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
                 module.reset_parameters()
             elif hasattr(module, "set_weight"):  # NF4Linear: quantize a random float weight
                 # drawn on the module's device: an 8B model's worth of CPU randn took minutes
+                from ftcore.modules.nf4 import random_nf4  # lazy: only QLoRA loads the NF4 kernels
+
                 nf4 = cast("_NF4Init", module)
                 nf4.set_weight(random_nf4(nf4.out_dim, nf4.in_dim, std, nf4.weight_packed.device))
             elif isinstance(getattr(module, "weight", None), nn.Parameter):  # LoRALinear's float base

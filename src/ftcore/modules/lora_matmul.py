@@ -16,9 +16,12 @@ The base W is either a float weight (frozen) or NF4 parts, dequantized again in 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ftcore.kernels.nf4_reference import NF4Parts
+if TYPE_CHECKING:  # at run time only a QLoRA base needs the NF4 code (imported where it is used)
+    from ftcore.kernels.nf4_reference import NF4Parts
 
 
 class _LoRAMatmul(torch.autograd.Function):
@@ -58,12 +61,14 @@ class _NF4Base:
         self.tensors, self.meta = (packed, absmax, nested_absmax, offset), meta
 
     def parts(self, dtype: torch.dtype) -> NF4Parts:
+        from ftcore.kernels.nf4_reference import NF4Parts
+
         packed, absmax, nested_absmax, offset = self.tensors
         shape, block_size = self.meta
         return NF4Parts(packed, absmax, nested_absmax, offset, shape, dtype, block_size)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        from ftcore import kernels  # as LoRALinear: only QLoRA loads the NF4 kernels
+        from ftcore import kernels
 
         return kernels.nf4_linear(x, self.parts(x.dtype))
 
