@@ -27,6 +27,8 @@
 #                   compiled LoRA.
 #   lora_node       the GPU tests that train LoRA, then graphed eager 8B LoRA (profiled) and QLoRA beside
 #                   torchtune compiled, and eager 8B LoRA without graphs, after the one-node LoRA layer.
+#   recheck         all GPU tests, then graphed eager 8B LoRA and QLoRA beside torchtune compiled (the
+#                   first GPU run of the previous session's last cuda_graphs and NF4 fixes).
 # Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
 # suite's deadline (SUITE_BUDGET_S, default 510 s); a failing step never stops the next one.
 # Writes into $OUT (default ./gpu_out): suite.log (everything printed), results.jsonl (one JSON
@@ -36,7 +38,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
-[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify|lora_node)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace, verify or lora_node" >&2; exit 2; }
+[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify|lora_node|recheck)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace, verify, lora_node or recheck" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -222,6 +224,12 @@ plan_lora_node() {
     ftcore:qlora:eager:25:70:--fused,--cuda-graphs peer:qlora:compile:60:110 ftcore:lora:eager:20:50:--fused
 }
 
+plan_recheck() {
+  step "pytest -m gpu" 60 250 "${PY[@]}" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=8 tests/gpu
+  vs_peer ftcore:lora:eager:25:70:--fused,--cuda-graphs peer:lora:compile:60:110 \
+    ftcore:qlora:eager:25:70:--fused,--cuda-graphs peer:qlora:compile:60:110
+}
+
 plan_big() {
   vs_peer --model llama3_1_70b --bs 1 ftcore:qlora:eager:120:280 peer:qlora:compile:200:330
 }
@@ -242,6 +250,7 @@ case $PLAN in
   inplace) plan_inplace ;;
   verify) plan_verify ;;
   lora_node) plan_lora_node ;;
+  recheck) plan_recheck ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"
