@@ -64,6 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bs", type=int, default=2)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--ac", action="store_true", help="activation checkpointing per transformer block")
+    p.add_argument(
+        "--ac-option",
+        help="with --ac: selective checkpointing (ac_mode: selective): 'op' keeps GEMM and attention outputs, "
+        "an int K checkpoints every K-th block",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile each block (ftcore's parallelize)")
     p.add_argument("--fused", action="store_true", help="Triton RMSNorm/SwiGLU/RoPE kernels (fused_kernels)")
     p.add_argument("--offload", action="store_true", help="with --ac: block inputs in pinned host memory")
@@ -282,6 +287,11 @@ def build_micro_step(args: argparse.Namespace, model, loss_fn, params: list, opt
     return graphed_micro_step(sum_loss, params, optimizer, device)
 
 
+def _ac_option(value: str | None) -> str | int | None:
+    """--ac-option as the config's ac_option: 'op', or the int K."""
+    return int(value) if value is not None and value.isdigit() else value
+
+
 def run_training(args: argparse.Namespace) -> dict:
     from ftcore.distributed.parallelize import parallelize
     from ftcore.runner.loss import LanguageModelLoss
@@ -298,6 +308,8 @@ def run_training(args: argparse.Namespace) -> dict:
     parallelize(
         model,
         activation_checkpointing=args.ac,
+        ac_mode="selective" if args.ac_option else None,
+        ac_option=_ac_option(args.ac_option),
         compile=args.compile,
         fused_kernels=args.fused,
         activation_offloading=args.offload,
@@ -342,6 +354,7 @@ def run_training(args: argparse.Namespace) -> dict:
         bs=args.bs,
         seq=args.seq,
         ac=args.ac,
+        ac_option=_ac_option(args.ac_option),
         compile=args.compile,
         fused=args.fused,
         offload=args.offload,
@@ -485,7 +498,7 @@ def render_table(results_jsonl: Path) -> str:
     for r in ours:
         eager, compiled = (peer.get(_config_key(r), {}).get(flag, {}) for flag in (False, True))
         rows.append(
-            f"| {r['model']} | {r['mode']} | {r['bs']} x {r['seq']} | {_yes(r['ac'])} | {_yes(r['compile'])}{' +fused' if r.get('fused') else ''}{' +graphs' if r.get('cuda_graphs') else ''} "
+            f"| {r['model']} | {r['mode']} | {r['bs']} x {r['seq']} | {_ac_column(r)} | {_yes(r['compile'])}{' +fused' if r.get('fused') else ''}{' +graphs' if r.get('cuda_graphs') else ''} "
             f"| {_fmt(r['tokens_per_s'])} | {_fmt(r['peak_alloc_gib'], 2)} | {_fmt(r.get('mfu'), 3)} "
             f"| {_fmt(eager.get('tokens_per_s'))} | {_fmt(compiled.get('tokens_per_s'))} "
             f"| {_fmt(compiled.get('peak_alloc_gib'), 2)} | {_ratio(r['tokens_per_s'], compiled.get('tokens_per_s'))} "
@@ -507,6 +520,14 @@ def render_table(results_jsonl: Path) -> str:
 
 def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
+
+
+def _ac_column(r: dict) -> str:
+    """yes / no, or the selective option: 'op' (GEMM outputs kept) or 'every K'."""
+    option = r.get("ac_option")
+    if not r["ac"] or option is None:
+        return _yes(r["ac"])
+    return "op" if option == "op" else f"every {option}"
 
 
 def _system_name() -> str:
@@ -536,7 +557,7 @@ def _summary(r: dict) -> str:
     if r.get("kind") == "generate":
         return f"{r['system']} {r['model']} generate bs 1: {r['decode_tokens_per_s']:,} tokens/s decoding{memory}"
     return (
-        f"{r['system']} {r['model']} {r['mode']} bs {r['bs']} x {r['seq']} ac={r['ac']} compile={r['compile']}"
+        f"{r['system']} {r['model']} {r['mode']} bs {r['bs']} x {r['seq']} ac={_ac_column(r)} compile={r['compile']}"
         f"{' fused' if r.get('fused') else ''}{' cuda_graphs' if r.get('cuda_graphs') else ''}"
         f"{_optimizer_note(r)}{_memory_note(r)}: "
         f"{r['tokens_per_s']:,} tokens/s{memory}, MFU {r['mfu']:.3f} of a measured "

@@ -27,6 +27,8 @@
 #                   compiled LoRA.
 #   lora_node       the GPU tests that train LoRA, then graphed eager 8B LoRA (profiled) and QLoRA beside
 #                   torchtune compiled, and eager 8B LoRA without graphs, after the one-node LoRA layer.
+#   selective       the selective-checkpointing GPU tests, then graphed eager 8B LoRA and QLoRA and 3B full
+#                   with ac_option op (GEMM outputs kept) beside torchtune compiled 8B LoRA, 3B full every 2.
 #   recheck         all GPU tests, then graphed eager 8B LoRA and QLoRA beside torchtune compiled (the
 #                   first GPU run of the previous session's last cuda_graphs and NF4 fixes).
 # Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
@@ -38,7 +40,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
-[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify|lora_node|recheck)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace, verify, lora_node or recheck" >&2; exit 2; }
+[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify|lora_node|recheck|selective)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace, verify, lora_node, recheck or selective" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -230,6 +232,14 @@ plan_recheck() {
     ftcore:qlora:eager:25:70:--fused,--cuda-graphs peer:qlora:compile:60:110
 }
 
+plan_selective() {
+  step "pytest selective" 40 150 "${PY[@]}" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=5 \
+    tests/gpu/test_selective_checkpoint_cuda.py
+  local op=--fused,--cuda-graphs,--ac-option,op
+  vs_peer ftcore:lora:eager:25:70:$op peer:lora:compile:60:110 ftcore:qlora:eager:25:70:$op
+  vs_peer --model llama3_2_3b ftcore:full:eager:20:60:$op ftcore:full:eager:20:60:--fused,--cuda-graphs,--ac-option,2
+}
+
 plan_big() {
   vs_peer --model llama3_1_70b --bs 1 ftcore:qlora:eager:120:280 peer:qlora:compile:200:330
 }
@@ -251,6 +261,7 @@ case $PLAN in
   verify) plan_verify ;;
   lora_node) plan_lora_node ;;
   recheck) plan_recheck ;;
+  selective) plan_selective ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"

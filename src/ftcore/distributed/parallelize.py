@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ftcore.training.selective_checkpoint import check_ac_settings, checkpoint_options, checkpointed_blocks
+
 
 def draws_random_numbers(module: nn.Module) -> bool:
     """Whether `module`'s forward consumes the RNG (a dropout with p > 0). Only then must a checkpoint
@@ -22,15 +24,26 @@ def draws_random_numbers(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
+def apply_activation_checkpointing(
+    model: nn.Module, ac_mode: str | None = None, ac_option: str | int | None = None
+) -> None:
     """Recompute each transformer block's activations in the backward pass instead of storing them.
 
-    The block's own `forward` is wrapped in place (not the module), so parameter and state-dict names
-    stay those of the plain model and checkpoints need no renaming.
+    `ac_mode: selective` keeps more (ftcore.training.selective_checkpoint): with `ac_option: op` the
+    GEMM and attention outputs, with an int K every block but each K-th one whole. The block's own
+    `forward` is wrapped in place (not the module), so parameter and state-dict names stay those of
+    the plain model and checkpoints need no renaming.
     """
-    for block in cast(nn.ModuleList, model.layers):
+    option = ac_option if ac_mode == "selective" else None
+    blocks = cast(nn.ModuleList, model.layers)
+    for index in checkpointed_blocks(len(blocks), option):
+        block = blocks[index]
         block.forward = functools.partial(
-            checkpoint, block.forward, use_reentrant=False, preserve_rng_state=draws_random_numbers(block)
+            checkpoint,
+            block.forward,
+            use_reentrant=False,
+            preserve_rng_state=draws_random_numbers(block),
+            **checkpoint_options(option),
         )
 
 
@@ -65,7 +78,16 @@ def speed_options(cfg) -> dict:
         "fused_kernels": cfg.get("fused_kernels", False),
         "activation_offloading": cfg.get("enable_activation_offloading", False),
         "mlp_chunk_tokens": cfg.get("mlp_chunk_tokens", None),
+        "ac_mode": cfg.get("ac_mode", None),
+        "ac_option": cfg.get("ac_option", None),
     }
+    check_ac_settings(
+        options["activation_checkpointing"],
+        options["ac_mode"],
+        options["ac_option"],
+        options["activation_offloading"],
+        options["mlp_chunk_tokens"],
+    )
     if options["activation_offloading"]:
         _check_offloading(options["activation_checkpointing"])
     if options["mlp_chunk_tokens"] is not None:
@@ -83,6 +105,8 @@ def parallelize(
     fused_kernels: bool = False,
     activation_offloading: bool = False,
     mlp_chunk_tokens: int | None = None,
+    ac_mode: str | None = None,
+    ac_option: str | int | None = None,
     fsdp_mesh=None,
     reshard_after_forward: bool = True,
     param_dtype=None,
@@ -95,7 +119,9 @@ def parallelize(
     that checkpointing recomputes and compile traces the fused ops. `mlp_chunk_tokens` runs every MLP in
     checkpointed chunks of tokens (ftcore.training.chunked_mlp); `activation_offloading` checkpoints each
     block with its saved input in host memory (ftcore.training.activation_offload), wrapped around the
-    compiled block when compiling."""
+    compiled block when compiling. `ac_mode` / `ac_option` choose what checkpointing keeps
+    (ftcore.training.selective_checkpoint)."""
+    check_ac_settings(activation_checkpointing, ac_mode, ac_option, activation_offloading, mlp_chunk_tokens)
     if activation_offloading:
         _check_offloading(activation_checkpointing)
     if fused_kernels:
@@ -107,7 +133,7 @@ def parallelize(
 
         apply_mlp_chunking(model, mlp_chunk_tokens)
     if activation_checkpointing and not activation_offloading:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, ac_mode, ac_option)
     if compile:
         apply_compile(model)
     if activation_offloading:  # after compile: the compiled graph is the block, the host copies stay eager

@@ -1,0 +1,153 @@
+"""Selective activation checkpointing: which blocks, or which ops inside each block, are recomputed.
+
+Full checkpointing (`enable_activation_checkpointing: true`) keeps only each block's input and reruns
+the whole block in the backward, matmuls included: about a third of a LoRA step's GEMM time. The
+selective modes (`ac_mode: selective`) trade memory back for that time:
+
+- `ac_option: op` checkpoints every block but keeps the outputs of its GEMMs and of fused attention,
+  so the backward reruns only the cheap ops (norms, RoPE, SwiGLU, residual adds, dequantize). An 8B
+  block at 4,096 tokens then keeps ~0.4 GB instead of 32 MB.
+- `ac_option: K` (an int) checkpoints every K-th block fully and leaves the others unchecked (K = 1 is
+  full checkpointing; torchtune's `ac_option` has the same meaning).
+
+The op policy is torch's selective checkpoint (`create_selective_checkpoint_contexts`) with one rule
+added for in-place ops: LoRA adds its adapter product into the base GEMM's output in place
+(`addmm_`). That output is kept, so the in-place add is kept too, never replayed onto the kept tensor
+(which would add the adapter twice); an in-place op on a recomputed tensor is recomputed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+AC_MODES = ("full", "selective")
+OP_OPTION = "op"
+
+# The expensive ops whose outputs the `op` policy keeps: GEMMs (F.linear lowers to mm, or addmm with
+# a bias), the fused attention kernels, and ftcore's NF4 linear operator (dequantize + GEMM in one op).
+# The unfused (math) attention is not listed: it would keep (T, T) scores; it is recomputed instead.
+SAVED_OP_NAMES = frozenset(
+    {
+        "aten::mm",
+        "aten::addmm",
+        "aten::_scaled_mm",
+        "aten::_scaled_dot_product_flash_attention",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_efficient_attention",
+        "aten::_scaled_dot_product_cudnn_attention",
+        "aten::_flash_attention_forward",
+        "aten::_efficient_attention_forward",
+        "ftcore::nf4_linear",
+    }
+)
+
+
+class SaveMatmulsPolicy:
+    """One checkpointed call's policy: keep the listed ops' outputs and in-place updates of them.
+
+    The in-place decisions are made in the forward, from whether the mutated tensor is a kept output,
+    and replayed in order during the recompute (torch versions that consult the policy again then)."""
+
+    def __init__(self) -> None:
+        self._kept_storages: set[int] = set()
+        self._inplace_decisions: list[CheckpointPolicy] = []
+        self._replayed = 0
+
+    def __call__(self, ctx, func, *args, **kwargs) -> CheckpointPolicy:
+        if func._schema.name in SAVED_OP_NAMES:
+            if not ctx.is_recompute:
+                self._remember(ctx.op_output)
+            return CheckpointPolicy.MUST_SAVE
+        if not (func._schema.is_mutable and args and isinstance(args[0], torch.Tensor)):
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        if ctx.is_recompute:
+            decision = self._inplace_decisions[self._replayed]
+            self._replayed += 1
+            return decision
+        decision = CheckpointPolicy.PREFER_RECOMPUTE
+        pointer = _storage_pointer(args[0])
+        if pointer is not None and pointer in self._kept_storages:
+            decision = CheckpointPolicy.MUST_SAVE
+        self._inplace_decisions.append(decision)
+        return decision
+
+    def _remember(self, output) -> None:
+        for tensor in output if isinstance(output, (tuple, list)) else (output,):
+            pointer = _storage_pointer(tensor) if isinstance(tensor, torch.Tensor) else None
+            if pointer is not None:
+                self._kept_storages.add(pointer)
+
+
+def _storage_pointer(tensor: torch.Tensor) -> int | None:
+    """The address of a real tensor's memory; None for the fake tensors that torch.compile traces with
+    (compile functionalizes in-place ops, so the rule above is not needed there)."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def save_matmuls_context():
+    """`context_fn` for torch.utils.checkpoint: a fresh policy per checkpointed call.
+
+    `allow_cache_entry_mutation`: the kept GEMM output is mutated by the in-place LoRA add, which the
+    policy also keeps; the recompute then returns the final tensor for both and mutates nothing."""
+    return create_selective_checkpoint_contexts(SaveMatmulsPolicy(), allow_cache_entry_mutation=True)
+
+
+def check_ac_settings(
+    activation_checkpointing: bool,
+    ac_mode: str | None,
+    ac_option: str | int | None,
+    activation_offloading: bool = False,
+    mlp_chunk_tokens: int | None = None,
+) -> None:
+    """Refuse, naming the config keys, a selective checkpointing setting that cannot run."""
+    mode = ac_mode or "full"
+    if mode not in AC_MODES:
+        raise ValueError(f"ac_mode: {ac_mode!r} is not one of {', '.join(AC_MODES)}")
+    if mode == "full":
+        if ac_option is not None:
+            raise ValueError(
+                f"ac_option: {ac_option!r} applies to ac_mode: selective only; set ac_mode: selective or remove ac_option"
+            )
+        return
+    if not activation_checkpointing:
+        raise ValueError(
+            "ac_mode: selective needs enable_activation_checkpointing: true (it chooses what that checkpointing "
+            "recomputes)"
+        )
+    if ac_option != OP_OPTION and not (_is_int(ac_option) and ac_option >= 1):
+        raise ValueError(
+            f"ac_option: {ac_option!r} is not valid with ac_mode: selective; use 'op' (keep GEMM and attention "
+            "outputs, recompute the rest) or an int K >= 1 (checkpoint every K-th block)"
+        )
+    if activation_offloading:
+        raise ValueError(
+            "ac_mode: selective cannot be combined with enable_activation_offloading (offloading checkpoints "
+            "every block fully, with its input in host memory); turn one of them off"
+        )
+    if mlp_chunk_tokens is not None and ac_option == OP_OPTION:
+        raise ValueError(
+            "ac_option: op cannot be combined with mlp_chunk_tokens (the chunked MLP is checkpointed chunk by "
+            "chunk inside the block); remove mlp_chunk_tokens or use ac_option: K"
+        )
+
+
+def checkpointed_blocks(num_blocks: int, ac_option: str | int | None) -> list[int]:
+    """The indices of the blocks to checkpoint: all, unless `ac_option` is K (every K-th, from block 0)."""
+    if _is_int(ac_option):
+        return list(range(0, num_blocks, ac_option))
+    return list(range(num_blocks))
+
+
+def checkpoint_options(ac_option: str | int | None) -> dict:
+    """Extra keywords for torch.utils.checkpoint.checkpoint: the op policy's context for `op`."""
+    if ac_option == OP_OPTION:
+        return {"context_fn": save_matmuls_context}
+    return {}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,204 @@
+"""Selective activation checkpointing (`ac_mode: selective`), on CPU.
+
+References: the same blocks without checkpointing (autograd's plain graph) and under full
+checkpointing, fp32, seeded alike. That the `op` policy really keeps the GEMM outputs is checked by
+counting the GEMMs the backward runs: the plain backward's plus the forward's (but each block's last)
+under full checkpointing, exactly the plain backward's under `op`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ftcore.distributed.parallelize import parallelize, speed_options
+from ftcore.models import init_weights
+from ftcore.models.builders import lora_transformer_decoder, transformer_decoder
+from ftcore.modules.lora import get_adapter_params, set_trainable_params
+from ftcore.training.selective_checkpoint import check_ac_settings, checkpointed_blocks
+from tests.training.test_activation_offload import RUN_SMALL, _losses, block_inputs, run_command
+
+SIZES = dict(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64)
+QLORA_SIZES = {**SIZES, "dim": 64, "hidden_dim": 128}
+TIGHT = dict(rtol=1e-5, atol=1e-6)
+
+
+def build(kind: str, dropout: float = 0.0) -> torch.nn.Module:
+    """The same tiny Llama every call: full, LoRA (B non-zero, so a doubled adapter add would show) or
+    QLoRA (NF4 base; the CPU reference kernels)."""
+    torch.manual_seed(0)
+    if kind == "full":
+        model = transformer_decoder(**SIZES)
+        init_weights(model)
+        return model
+    model = lora_transformer_decoder(
+        ["q_proj", "k_proj", "v_proj", "output_proj"],
+        apply_lora_to_mlp=True,
+        lora_rank=4,
+        lora_dropout=dropout,
+        quantize_base=kind == "qlora",
+        **(QLORA_SIZES if kind == "qlora" else SIZES),
+    )
+    init_weights(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_b" in name:
+                param.normal_(0.0, 0.1)
+    set_trainable_params(model, get_adapter_params(model))
+    return model
+
+
+class CountGemms(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in ("aten::mm", "aten::addmm", "aten::addmm_"):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def run_blocks(model, x, pos, mask, count: CountGemms | None = None):
+    """Forward through the blocks, then backward (its GEMMs counted when `count` is given)."""
+    torch.manual_seed(123)  # the dropout masks
+    h = x
+    for layer in model.layers:
+        h = layer(h, pos, mask, cache_pos=None)
+    loss = h.square().mean()
+    if count is None:
+        loss.backward()
+    else:
+        with count:
+            loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, x.grad.clone()
+
+
+def inputs_for(model):
+    """block_inputs(), with a leaf input as wide as this model (the QLoRA one is wider: NF4 blocks of 64)."""
+    x, pos, mask = block_inputs()
+    width = model.tok_embeddings.embedding_dim
+    x = torch.randn(*x.shape[:-1], width, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    return x, pos, mask
+
+
+def checkpointed(kind: str, dropout: float = 0.0, **options):
+    model = build(kind, dropout)
+    parallelize(model, activation_checkpointing=bool(options), **options)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["full", "lora", "qlora"])
+def test_op_policy_gives_the_plain_gradients(kind):
+    model = checkpointed(kind)
+    ref = run_blocks(model, *inputs_for(model))
+    model = checkpointed(kind, ac_mode="selective", ac_option="op")
+    loss, grads, input_grad = run_blocks(model, *inputs_for(model))
+    torch.testing.assert_close(loss, ref[0], **TIGHT)
+    torch.testing.assert_close(input_grad, ref[2], **TIGHT)
+    assert grads.keys() == ref[1].keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref[1][name], **TIGHT, msg=name)
+
+
+def test_op_policy_with_lora_dropout_replays_the_masks():
+    """Dropout on: the unfused LoRA path (adapter added in place into the base output) and the RNG replay."""
+    ref = run_blocks(checkpointed("lora", dropout=0.2), *block_inputs())
+    loss, grads, input_grad = run_blocks(
+        checkpointed("lora", dropout=0.2, ac_mode="selective", ac_option="op"), *block_inputs()
+    )
+    torch.testing.assert_close(input_grad, ref[2], **TIGHT)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref[1][name], **TIGHT, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_op_policy_reruns_no_forward_gemm_in_the_backward(kind):
+    counts = {}
+    for name, options in (
+        ("plain", {}),
+        ("full", {"ac_mode": "full"}),
+        ("op", {"ac_mode": "selective", "ac_option": "op"}),
+    ):
+        count = CountGemms()
+        run_blocks(checkpointed(kind, **options), *block_inputs(), count=count)
+        counts[name] = count.count
+    forward = CountGemms()
+    with forward, torch.no_grad():
+        model, (x, pos, mask) = build(kind), block_inputs()
+        h = x
+        for layer in model.layers:
+            h = layer(h, pos, mask, cache_pos=None)
+    assert forward.count > 0
+    # full checkpointing reruns the forward's GEMMs (torch stops the rerun early, before each block's
+    # last one, whose output the backward does not need); the op policy reruns none
+    assert counts["full"] - counts["plain"] >= forward.count - len(model.layers)
+    assert counts["op"] == counts["plain"]
+
+
+def test_every_kth_block_is_checkpointed_and_the_gradients_match():
+    model = checkpointed("lora", ac_mode="selective", ac_option=2)
+    wrapped = [isinstance(block.forward, functools.partial) for block in model.layers]
+    assert wrapped == [True, False, True]
+    ref = run_blocks(checkpointed("lora"), *block_inputs())
+    _, grads, input_grad = run_blocks(model, *block_inputs())
+    torch.testing.assert_close(input_grad, ref[2], **TIGHT)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref[1][name], **TIGHT, msg=name)
+
+
+def test_checkpointed_blocks():
+    assert checkpointed_blocks(5, None) == [0, 1, 2, 3, 4]
+    assert checkpointed_blocks(5, "op") == [0, 1, 2, 3, 4]
+    assert checkpointed_blocks(5, 1) == [0, 1, 2, 3, 4]
+    assert checkpointed_blocks(5, 2) == [0, 2, 4]
+    assert checkpointed_blocks(5, 9) == [0]
+
+
+@pytest.mark.parametrize(
+    "settings, words",
+    [
+        ((True, "partial", None), "ac_mode: 'partial'"),
+        ((True, None, "op"), "ac_option: 'op' applies to ac_mode: selective"),
+        ((False, "selective", "op"), "needs enable_activation_checkpointing: true"),
+        ((True, "selective", None), "ac_option: None is not valid"),
+        ((True, "selective", 0), "ac_option: 0 is not valid"),
+        ((True, "selective", True), "ac_option: True is not valid"),
+        ((True, "selective", "ops"), "ac_option: 'ops' is not valid"),
+        ((True, "selective", "op", True), "enable_activation_offloading"),
+        ((True, "selective", "op", False, 512), "mlp_chunk_tokens"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_key(settings, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(")):
+        check_ac_settings(*settings)
+
+
+def test_good_settings_pass():
+    check_ac_settings(True, None, None)
+    check_ac_settings(True, "full", None)
+    check_ac_settings(False, None, None)
+    check_ac_settings(True, "selective", "op")
+    check_ac_settings(True, "selective", 3, False, 512)
+
+
+def test_speed_options_reads_and_checks_the_keys():
+    cfg = OmegaConf.create({"enable_activation_checkpointing": True, "ac_mode": "selective", "ac_option": 2})
+    options = speed_options(cfg)
+    assert (options["ac_mode"], options["ac_option"]) == ("selective", 2)
+    with pytest.raises(ValueError, match="ac_mode: selective needs"):
+        speed_options(OmegaConf.create({"ac_mode": "selective", "ac_option": "op"}))
+
+
+def test_ftcore_run_with_the_op_policy_matches_full_checkpointing(tmp_path):
+    common = [*RUN_SMALL, "batch_size=4", "enable_activation_checkpointing=true"]
+    run_command(*common, f"output_dir={tmp_path / 'full'}")
+    run_command(*common, "ac_mode=selective", "ac_option=op", f"output_dir={tmp_path / 'op'}")
+    full, op = _losses(tmp_path / "full"), _losses(tmp_path / "op")
+    assert sorted(full) == [1, 2, 3]
+    assert op == pytest.approx(full, abs=1e-5)
