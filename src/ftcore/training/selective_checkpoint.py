@@ -80,12 +80,11 @@ class SaveMatmulsPolicy:
 
 
 def _storage_pointer(tensor: torch.Tensor) -> int | None:
-    """The address of a real tensor's memory; None for the fake tensors that torch.compile traces with
-    (compile functionalizes in-place ops, so the rule above is not needed there)."""
-    try:
-        return tensor.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError, TypeError):
+    """The address of a real tensor's memory; None for the fake and functional tensors that
+    torch.compile traces with (compile functionalizes in-place ops, so the rule above is not needed)."""
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
         return None
+    return tensor.untyped_storage().data_ptr()
 
 
 def save_matmuls_context():
