@@ -28,7 +28,9 @@
 #   lora_node       the GPU tests that train LoRA, then graphed eager 8B LoRA (profiled) and QLoRA beside
 #                   torchtune compiled, and eager 8B LoRA without graphs, after the one-node LoRA layer.
 #   selective       the selective-checkpointing GPU tests, then graphed eager 8B LoRA and QLoRA and 3B full
-#                   with ac_option op (GEMM outputs kept) beside torchtune compiled 8B LoRA, 3B full every 2.
+#                   with ac_option op (GEMM outputs kept) beside torchtune compiled, 3B full every 2.
+#   context         8B QLoRA at batch 1 x 344,064 tokens with all 32 blocks (offloading + chunked MLP), under
+#                   an 80 GB card's memory (--memory-cap-gib 79): one step, ~6 minutes. SUITE_BUDGET_S=570.
 #   recheck         all GPU tests, then graphed eager 8B LoRA and QLoRA beside torchtune compiled (the
 #                   first GPU run of the previous session's last cuda_graphs and NF4 fixes).
 # Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
@@ -40,7 +42,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
-[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify|lora_node|recheck|selective)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace, verify, lora_node, recheck or selective" >&2; exit 2; }
+[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify|lora_node|recheck|selective|context)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace, verify, lora_node, recheck, selective or context" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -237,7 +239,13 @@ plan_selective() {
     tests/gpu/test_selective_checkpoint_cuda.py
   local op=--fused,--cuda-graphs,--ac-option,op
   vs_peer ftcore:lora:eager:25:70:$op peer:lora:compile:60:110 ftcore:qlora:eager:25:70:$op
-  vs_peer --model llama3_2_3b ftcore:full:eager:20:60:$op ftcore:full:eager:20:60:--fused,--cuda-graphs,--ac-option,2
+  vs_peer --model llama3_2_3b ftcore:full:eager:20:60:$op ftcore:full:eager:20:60:--fused,--cuda-graphs,--ac-option,2 \
+    peer:full:compile:40:100
+}
+
+plan_context() {
+  vs_peer --bs 1 --seq 344064 \
+    ftcore:qlora:eager:300:600:--fused,--offload,--mlp-chunk,8192,--warm,0,--steps,1,--memory-cap-gib,79
 }
 
 plan_big() {
@@ -262,6 +270,7 @@ case $PLAN in
   lora_node) plan_lora_node ;;
   recheck) plan_recheck ;;
   selective) plan_selective ;;
+  context) plan_context ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"

@@ -202,3 +202,26 @@ def test_ftcore_run_with_the_op_policy_matches_full_checkpointing(tmp_path):
     full, op = _losses(tmp_path / "full"), _losses(tmp_path / "op")
     assert sorted(full) == [1, 2, 3]
     assert op == pytest.approx(full, abs=1e-5)
+
+
+def test_the_policy_finds_kept_outputs_when_consulted_before_the_op_and_replays_in_the_recompute():
+    """Torch versions that call the policy before each op (and again in the recompute): the in-place
+    decision comes from the kept outputs already stored, and the recompute repeats it."""
+    from types import SimpleNamespace
+
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from ftcore.training.selective_checkpoint import SaveMatmulsPolicy
+
+    kept_output, fresh = torch.zeros(4, 4), torch.zeros(4, 4)
+    policy = SaveMatmulsPolicy()
+    policy.kept = {"aten::mm": [SimpleNamespace(val=kept_output.detach())]}
+    forward, recompute = SimpleNamespace(is_recompute=False), SimpleNamespace(is_recompute=True)
+    addmm_ = torch.ops.aten.addmm_.default
+    assert policy(forward, torch.ops.aten.mm.default, fresh, fresh) == CheckpointPolicy.MUST_SAVE
+    assert policy(forward, addmm_, kept_output, fresh, fresh) == CheckpointPolicy.MUST_SAVE
+    assert policy(forward, addmm_, fresh, fresh, fresh) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert policy(forward, torch.ops.aten.add.Tensor, kept_output, fresh) == CheckpointPolicy.PREFER_RECOMPUTE
+    # in the recompute the tensors are new ones: the forward's decisions are replayed in order
+    assert policy(recompute, addmm_, fresh, fresh, fresh) == CheckpointPolicy.MUST_SAVE
+    assert policy(recompute, addmm_, fresh, fresh, fresh) == CheckpointPolicy.PREFER_RECOMPUTE

@@ -18,6 +18,8 @@ added for in-place ops: LoRA adds its adapter product into the base GEMM's outpu
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
@@ -46,18 +48,18 @@ SAVED_OP_NAMES = frozenset(
 class SaveMatmulsPolicy:
     """One checkpointed call's policy: keep the listed ops' outputs and in-place updates of them.
 
-    The in-place decisions are made in the forward, from whether the mutated tensor is a kept output,
-    and replayed in order during the recompute (torch versions that consult the policy again then)."""
+    Whether an in-place op mutates a kept output is read from the forward's own store of kept outputs
+    (`kept`, set by `save_matmuls_context`), not from the op's output: torch versions differ in whether
+    the policy runs before or after the op. The in-place decisions are replayed in order during the
+    recompute, for the torch versions that consult the policy again then."""
 
     def __init__(self) -> None:
-        self._kept_storages: set[int] = set()
+        self.kept: object = {}  # the caching mode's storage of kept outputs
         self._inplace_decisions: list[CheckpointPolicy] = []
         self._replayed = 0
 
     def __call__(self, ctx, func, *args, **kwargs) -> CheckpointPolicy:
         if func._schema.name in SAVED_OP_NAMES:
-            if not ctx.is_recompute:
-                self._remember(ctx.op_output)
             return CheckpointPolicy.MUST_SAVE
         if not (func._schema.is_mutable and args and isinstance(args[0], torch.Tensor)):
             return CheckpointPolicy.PREFER_RECOMPUTE
@@ -65,18 +67,23 @@ class SaveMatmulsPolicy:
             decision = self._inplace_decisions[self._replayed]
             self._replayed += 1
             return decision
-        decision = CheckpointPolicy.PREFER_RECOMPUTE
         pointer = _storage_pointer(args[0])
-        if pointer is not None and pointer in self._kept_storages:
-            decision = CheckpointPolicy.MUST_SAVE
+        kept = pointer is not None and pointer in {_storage_pointer(t) for t in _tensors_in(self.kept)}
+        decision = CheckpointPolicy.MUST_SAVE if kept else CheckpointPolicy.PREFER_RECOMPUTE
         self._inplace_decisions.append(decision)
         return decision
 
-    def _remember(self, output) -> None:
-        for tensor in output if isinstance(output, (tuple, list)) else (output,):
-            pointer = _storage_pointer(tensor) if isinstance(tensor, torch.Tensor) else None
-            if pointer is not None:
-                self._kept_storages.add(pointer)
+
+def _tensors_in(store) -> list[torch.Tensor]:
+    """The tensors of the caching mode's store: nested dicts and lists of version wrappers (`.val`)."""
+    if isinstance(store, torch.Tensor):
+        return [store]
+    if isinstance(store, dict):
+        return [t for value in store.values() for t in _tensors_in(value)]
+    if isinstance(store, (list, tuple)):
+        return [t for value in store for t in _tensors_in(value)]
+    value = getattr(store, "val", None)
+    return [value] if isinstance(value, torch.Tensor) else []
 
 
 def _storage_pointer(tensor: torch.Tensor) -> int | None:
@@ -92,7 +99,10 @@ def save_matmuls_context():
 
     `allow_cache_entry_mutation`: the kept GEMM output is mutated by the in-place LoRA add, which the
     policy also keeps; the recompute then returns the final tensor for both and mutates nothing."""
-    return create_selective_checkpoint_contexts(SaveMatmulsPolicy(), allow_cache_entry_mutation=True)
+    policy = SaveMatmulsPolicy()
+    forward, recompute = create_selective_checkpoint_contexts(policy, allow_cache_entry_mutation=True)
+    policy.kept = forward.storage
+    return forward, recompute
 
 
 def check_ac_settings(
@@ -148,5 +158,5 @@ def checkpoint_options(ac_option: str | int | None) -> dict:
     return {}
 
 
-def _is_int(value) -> bool:
+def _is_int(value) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
