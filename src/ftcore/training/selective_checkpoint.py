@@ -59,9 +59,10 @@ class SaveMatmulsPolicy:
         self._replayed = 0
 
     def __call__(self, ctx, func, *args, **kwargs) -> CheckpointPolicy:
-        if func._schema.name in SAVED_OP_NAMES:
+        schema = getattr(func, "_schema", None)  # higher-order ops (compiled regions) have none
+        if schema is not None and schema.name in SAVED_OP_NAMES:
             return CheckpointPolicy.MUST_SAVE
-        if not (func._schema.is_mutable and args and isinstance(args[0], torch.Tensor)):
+        if not (schema is not None and schema.is_mutable and args and isinstance(args[0], torch.Tensor)):
             return CheckpointPolicy.PREFER_RECOMPUTE
         if ctx.is_recompute:
             decision = self._inplace_decisions[self._replayed]
