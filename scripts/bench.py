@@ -69,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="with --ac: selective checkpointing (ac_mode: selective): 'op' keeps GEMM and attention outputs, "
         "an int K checkpoints every K-th block",
     )
+    p.add_argument("--ac-skip-last", type=int, help="with --ac: the last N blocks unchecked (ac_skip_last_blocks)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (ftcore's parallelize)")
     p.add_argument("--fused", action="store_true", help="Triton RMSNorm/SwiGLU/RoPE kernels (fused_kernels)")
     p.add_argument("--offload", action="store_true", help="with --ac: block inputs in pinned host memory")
@@ -310,6 +311,7 @@ def run_training(args: argparse.Namespace) -> dict:
         activation_checkpointing=args.ac,
         ac_mode="selective" if args.ac_option else None,
         ac_option=_ac_option(args.ac_option),
+        ac_skip_last_blocks=args.ac_skip_last,
         compile=args.compile,
         fused_kernels=args.fused,
         activation_offloading=args.offload,
@@ -355,6 +357,7 @@ def run_training(args: argparse.Namespace) -> dict:
         seq=args.seq,
         ac=args.ac,
         ac_option=_ac_option(args.ac_option),
+        ac_skip_last=args.ac_skip_last,
         compile=args.compile,
         fused=args.fused,
         offload=args.offload,
@@ -523,11 +526,12 @@ def _yes(flag: bool) -> str:
 
 
 def _ac_column(r: dict) -> str:
-    """yes / no, or the selective option: 'op' (GEMM outputs kept) or 'every K'."""
-    option = r.get("ac_option")
-    if not r["ac"] or option is None:
+    """yes / no, or what is checkpointed: 'op' (GEMM outputs kept), 'every K', '-last N' (unchecked)."""
+    option, skip = r.get("ac_option"), r.get("ac_skip_last")
+    if not r["ac"] or (option is None and not skip):
         return _yes(r["ac"])
-    return "op" if option == "op" else f"every {option}"
+    kept = {None: "yes", "op": "op"}.get(option, f"every {option}")
+    return kept + (f" -last {skip}" if skip else "")
 
 
 def _system_name() -> str:

@@ -17,6 +17,7 @@ def test_defaults_are_all_off():
         "mlp_chunk_tokens": None,
         "ac_mode": None,
         "ac_option": None,
+        "ac_skip_last_blocks": None,
     }
 
 

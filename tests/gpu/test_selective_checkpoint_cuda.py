@@ -53,11 +53,20 @@ def loss_and_grads(model, batch):
     return loss_sum.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("quantize", [False, True], ids=["lora", "qlora"])
-def test_op_policy_matches_full_checkpointing(quantize):
+@pytest.mark.parametrize(
+    "quantize, options",
+    [
+        (False, SELECTIVE_OP),
+        (True, SELECTIVE_OP),
+        (False, {"ac_mode": "selective", "ac_option": 2}),
+        (True, {"ac_skip_last_blocks": 2}),
+    ],
+    ids=["lora-op", "qlora-op", "lora-every-2", "qlora-skip-last-2"],
+)
+def test_selective_checkpointing_matches_full_checkpointing(quantize, options):
     batch = batches(1, seq=512)[0]
     ref_loss, ref = loss_and_grads(build(quantize), batch)
-    loss, grads = loss_and_grads(build(quantize, **SELECTIVE_OP), batch)
+    loss, grads = loss_and_grads(build(quantize, **options), batch)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=1e-3)
     assert grads.keys() == ref.keys()
     for name, grad in grads.items():

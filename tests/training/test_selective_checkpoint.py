@@ -158,6 +158,22 @@ def test_checkpointed_blocks():
     assert checkpointed_blocks(5, 1) == [0, 1, 2, 3, 4]
     assert checkpointed_blocks(5, 2) == [0, 2, 4]
     assert checkpointed_blocks(5, 9) == [0]
+    assert checkpointed_blocks(5, None, 2) == [0, 1, 2]
+    assert checkpointed_blocks(5, 2, 1) == [0, 2]
+    assert checkpointed_blocks(5, "op", 5) == []
+    with pytest.raises(ValueError, match="ac_skip_last_blocks: 6 is more than the model's 5 blocks"):
+        checkpointed_blocks(5, None, 6)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_the_last_blocks_can_be_left_unchecked_with_the_same_gradients(kind):
+    model = checkpointed(kind, ac_skip_last_blocks=1)
+    assert [isinstance(block.forward, functools.partial) for block in model.layers] == [True, True, False]
+    ref = run_blocks(checkpointed(kind), *block_inputs())
+    _, grads, input_grad = run_blocks(model, *block_inputs())
+    torch.testing.assert_close(input_grad, ref[2], **TIGHT)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref[1][name], **TIGHT, msg=name)
 
 
 @pytest.mark.parametrize(
@@ -172,6 +188,13 @@ def test_checkpointed_blocks():
         ((True, "selective", "ops"), "ac_option: 'ops' is not valid"),
         ((True, "selective", "op", True), "enable_activation_offloading"),
         ((True, "selective", "op", False, 512), "mlp_chunk_tokens"),
+        ((True, None, None, False, None, -1), "ac_skip_last_blocks: -1 must be an integer >= 0"),
+        ((True, None, None, False, None, True), "ac_skip_last_blocks: True must be an integer >= 0"),
+        ((False, None, None, False, None, 2), "ac_skip_last_blocks needs enable_activation_checkpointing"),
+        (
+            (True, None, None, True, None, 2),
+            "ac_skip_last_blocks cannot be combined with enable_activation_offloading",
+        ),
     ],
 )
 def test_bad_settings_are_refused_naming_the_key(settings, words):
@@ -185,6 +208,8 @@ def test_good_settings_pass():
     check_ac_settings(False, None, None)
     check_ac_settings(True, "selective", "op")
     check_ac_settings(True, "selective", 3, False, 512)
+    check_ac_settings(True, None, None, False, None, 4)
+    check_ac_settings(False, None, None, False, None, 0)
 
 
 def test_speed_options_reads_and_checks_the_keys():

@@ -25,18 +25,22 @@ def draws_random_numbers(module: nn.Module) -> bool:
 
 
 def apply_activation_checkpointing(
-    model: nn.Module, ac_mode: str | None = None, ac_option: str | int | None = None
+    model: nn.Module,
+    ac_mode: str | None = None,
+    ac_option: str | int | None = None,
+    skip_last_blocks: int | None = None,
 ) -> None:
     """Recompute each transformer block's activations in the backward pass instead of storing them.
 
     `ac_mode: selective` keeps more (ftcore.training.selective_checkpoint): with `ac_option: op` the
-    GEMM and attention outputs, with an int K every block but each K-th one whole. The block's own
+    GEMM and attention outputs, with an int K only every K-th block; `skip_last_blocks` leaves the
+    last blocks unchecked. The block's own
     `forward` is wrapped in place (not the module), so parameter and state-dict names stay those of
     the plain model and checkpoints need no renaming.
     """
     option = ac_option if ac_mode == "selective" else None
     blocks = cast(nn.ModuleList, model.layers)
-    for index in checkpointed_blocks(len(blocks), option):
+    for index in checkpointed_blocks(len(blocks), option, skip_last_blocks):
         block = blocks[index]
         block.forward = functools.partial(
             checkpoint,
@@ -80,6 +84,7 @@ def speed_options(cfg) -> dict:
         "mlp_chunk_tokens": cfg.get("mlp_chunk_tokens", None),
         "ac_mode": cfg.get("ac_mode", None),
         "ac_option": cfg.get("ac_option", None),
+        "ac_skip_last_blocks": cfg.get("ac_skip_last_blocks", None),
     }
     check_ac_settings(
         options["activation_checkpointing"],
@@ -87,6 +92,7 @@ def speed_options(cfg) -> dict:
         options["ac_option"],
         options["activation_offloading"],
         options["mlp_chunk_tokens"],
+        options["ac_skip_last_blocks"],
     )
     if options["activation_offloading"]:
         _check_offloading(options["activation_checkpointing"])
@@ -107,6 +113,7 @@ def parallelize(
     mlp_chunk_tokens: int | None = None,
     ac_mode: str | None = None,
     ac_option: str | int | None = None,
+    ac_skip_last_blocks: int | None = None,
     fsdp_mesh=None,
     reshard_after_forward: bool = True,
     param_dtype=None,
@@ -119,9 +126,16 @@ def parallelize(
     that checkpointing recomputes and compile traces the fused ops. `mlp_chunk_tokens` runs every MLP in
     checkpointed chunks of tokens (ftcore.training.chunked_mlp); `activation_offloading` checkpoints each
     block with its saved input in host memory (ftcore.training.activation_offload), wrapped around the
-    compiled block when compiling. `ac_mode` / `ac_option` choose what checkpointing keeps
-    (ftcore.training.selective_checkpoint)."""
-    check_ac_settings(activation_checkpointing, ac_mode, ac_option, activation_offloading, mlp_chunk_tokens)
+    compiled block when compiling. `ac_mode` / `ac_option` / `ac_skip_last_blocks` choose what
+    checkpointing keeps (ftcore.training.selective_checkpoint)."""
+    check_ac_settings(
+        activation_checkpointing,
+        ac_mode,
+        ac_option,
+        activation_offloading,
+        mlp_chunk_tokens,
+        ac_skip_last_blocks,
+    )
     if activation_offloading:
         _check_offloading(activation_checkpointing)
     if fused_kernels:
@@ -133,7 +147,7 @@ def parallelize(
 
         apply_mlp_chunking(model, mlp_chunk_tokens)
     if activation_checkpointing and not activation_offloading:
-        apply_activation_checkpointing(model, ac_mode, ac_option)
+        apply_activation_checkpointing(model, ac_mode, ac_option, ac_skip_last_blocks)
     if compile:
         apply_compile(model)
     if activation_offloading:  # after compile: the compiled graph is the block, the host copies stay eager

@@ -31,6 +31,7 @@ MEMORY_SETTINGS = (
     ("gradient_accumulation_steps", "raise it while lowering batch_size"),
     ("enable_activation_checkpointing", "set it to True (recomputes activations in backward)"),
     ("ac_mode", "set it to full (ac_mode: selective keeps GEMM outputs or whole blocks, for speed)"),
+    ("ac_skip_last_blocks", "lower it or set null (those last blocks keep all their activations)"),
     ("enable_activation_offloading", "set it to True with checkpointing (block inputs in host memory)"),
     ("mlp_chunk_tokens", "set it, e.g. 8192, for long sequences (the MLP in checkpointed chunks)"),
     ("max_seq_len", "lower it (shorter sequences, or packing with a smaller max_seq_len)"),

@@ -10,6 +10,8 @@ selective modes (`ac_mode: selective`) trade memory back for that time:
 - `ac_option: K` (an int) checkpoints every K-th block fully and leaves the others unchecked (K = 1 is
   full checkpointing; torchtune's `ac_option` has the same meaning).
 
+`ac_skip_last_blocks: N` (any mode) leaves the last N blocks unchecked; see `checkpointed_blocks`.
+
 The op policy is torch's selective checkpoint (`create_selective_checkpoint_contexts`) with one rule
 added for in-place ops: LoRA adds its adapter product into the base GEMM's output in place
 (`addmm_`). That output is kept, so the in-place add is kept too, never replayed onto the kept tensor
@@ -112,8 +114,10 @@ def check_ac_settings(
     ac_option: str | int | None,
     activation_offloading: bool = False,
     mlp_chunk_tokens: int | None = None,
+    skip_last_blocks: int | None = None,
 ) -> None:
     """Refuse, naming the config keys, a selective checkpointing setting that cannot run."""
+    _check_skip_last_blocks(skip_last_blocks, activation_checkpointing, activation_offloading)
     mode = ac_mode or "full"
     if mode not in AC_MODES:
         raise ValueError(f"ac_mode: {ac_mode!r} is not one of {', '.join(AC_MODES)}")
@@ -145,11 +149,36 @@ def check_ac_settings(
         )
 
 
-def checkpointed_blocks(num_blocks: int, ac_option: str | int | None) -> list[int]:
-    """The indices of the blocks to checkpoint: all, unless `ac_option` is K (every K-th, from block 0)."""
-    if _is_int(ac_option):
-        return list(range(0, num_blocks, ac_option))
-    return list(range(num_blocks))
+def _check_skip_last_blocks(
+    skip_last_blocks, activation_checkpointing: bool, activation_offloading: bool
+) -> None:
+    if skip_last_blocks is None or skip_last_blocks == 0:
+        return
+    if not (_is_int(skip_last_blocks) and skip_last_blocks >= 0):
+        raise ValueError(f"ac_skip_last_blocks: {skip_last_blocks!r} must be an integer >= 0 (or null)")
+    if not activation_checkpointing:
+        raise ValueError(
+            "ac_skip_last_blocks needs enable_activation_checkpointing: true (it leaves the last blocks out of it)"
+        )
+    if activation_offloading:
+        raise ValueError(
+            "ac_skip_last_blocks cannot be combined with enable_activation_offloading (offloading checkpoints "
+            "every block); turn one of them off"
+        )
+
+
+def checkpointed_blocks(
+    num_blocks: int, ac_option: str | int | None, skip_last_blocks: int | None = None
+) -> list[int]:
+    """The indices of the blocks to checkpoint: all, or every K-th from block 0 when `ac_option` is K;
+    then without the last `skip_last_blocks`. Those are the first the backward reaches, so their kept
+    activations are freed before most gradients exist: a full fine-tune, which peaks when all its
+    gradients do, can leave about as many blocks unchecked as its gradients have room for."""
+    skip = skip_last_blocks or 0
+    if skip > num_blocks:
+        raise ValueError(f"ac_skip_last_blocks: {skip} is more than the model's {num_blocks} blocks")
+    step = ac_option if _is_int(ac_option) else 1
+    return list(range(0, num_blocks - skip, step))
 
 
 def checkpoint_options(ac_option: str | int | None) -> dict:
