@@ -31,6 +31,8 @@
 #                   with ac_option op (GEMM outputs kept) beside torchtune compiled, 3B full every 2.
 #   context         8B QLoRA at batch 1 x 344,064 tokens with all 32 blocks (offloading + chunked MLP), under
 #                   an 80 GB card's memory (--memory-cap-gib 79): one step, ~6 minutes. SUITE_BUDGET_S=570.
+#   skiplast        the selective-checkpointing GPU tests, graphed 3B full with the last 14 / 20 blocks
+#                   unchecked beside torchtune compiled, and 8B QLoRA `op` beside torchtune compiled QLoRA.
 #   recheck         all GPU tests, then graphed eager 8B LoRA and QLoRA beside torchtune compiled (the
 #                   first GPU run of the previous session's last cuda_graphs and NF4 fixes).
 # Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
@@ -42,7 +44,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
-[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify|lora_node|recheck|selective|context)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace, verify, lora_node, recheck, selective or context" >&2; exit 2; }
+[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify|lora_node|recheck|selective|context|skiplast)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace, verify, lora_node, recheck, selective, context or skiplast" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -248,6 +250,15 @@ plan_context() {
     ftcore:qlora:eager:300:600:--fused,--offload,--mlp-chunk,8192,--warm,0,--steps,1,--memory-cap-gib,79
 }
 
+plan_skiplast() {
+  step "pytest selective" 30 90 "${PY[@]}" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=5 \
+    tests/gpu/test_selective_checkpoint_cuda.py
+  local graphs=--fused,--cuda-graphs
+  vs_peer --model llama3_2_3b ftcore:full:eager:15:40:$graphs,--ac-skip-last,14 \
+    ftcore:full:eager:15:40:$graphs,--ac-skip-last,20 peer:full:compile:30:80
+  vs_peer ftcore:qlora:eager:20:50:$graphs,--ac-option,op peer:qlora:compile:40:90
+}
+
 plan_big() {
   vs_peer --model llama3_1_70b --bs 1 ftcore:qlora:eager:120:280 peer:qlora:compile:200:330
 }
@@ -271,6 +282,7 @@ case $PLAN in
   recheck) plan_recheck ;;
   selective) plan_selective ;;
   context) plan_context ;;
+  skiplast) plan_skiplast ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"
