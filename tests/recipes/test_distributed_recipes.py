@@ -70,11 +70,11 @@ def logged(output_dir: Path, key: str) -> dict[int, float]:
     return {row["step"]: row[key] for row in rows if key in row}
 
 
-def assert_same_tensors(expected: Path, actual: Path) -> None:
+def assert_same_tensors(expected: Path, actual: Path, atol: float = TOL) -> None:
     reference, other = load_file(str(expected)), load_file(str(actual))
     assert reference.keys() == other.keys()
     for name, tensor in reference.items():
-        torch.testing.assert_close(other[name], tensor, atol=TOL, rtol=0, msg=name)
+        torch.testing.assert_close(other[name], tensor, atol=atol, rtol=0, msg=name)
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -177,8 +177,13 @@ def test_qlora_two_processes_match_one(tmp_path):
     assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
     assert logged(two, "loss") == pytest.approx(losses, abs=TOL)
     assert logged(two, "val_loss") == pytest.approx(logged(one, "val_loss"), abs=TOL)
-    for step in ("step_000002", "step_000004"):
-        assert_same_tensors(one / step / EXPORTED["lora_finetune"], two / step / EXPORTED["lora_finetune"])
+    # Two ranks sum the gradients in another order; AdamW's normalized step turns that rounding in a
+    # near-zero gradient element into an update difference: measured 1.0e-5 at step 4 on one CPU (2e-8
+    # at step 2). A wrong sharding would differ by about the learning rate (1.5e-3).
+    for step, atol in (("step_000002", TOL), ("step_000004", 5 * TOL)):
+        assert_same_tensors(
+            one / step / EXPORTED["lora_finetune"], two / step / EXPORTED["lora_finetune"], atol
+        )
     # The merge W0 + s B A is rounded to bf16: adapters equal within 1e-6 may round a few elements to
     # the neighbouring bf16 value. Measured: at most 4 of 49152 per matrix, each one bf16 step apart.
     merged_one = load_file(str(one / "merged_model" / "ftcore_model.safetensors"))
