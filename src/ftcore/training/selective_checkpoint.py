@@ -171,9 +171,8 @@ def checkpointed_blocks(
     num_blocks: int, ac_option: str | int | None, skip_last_blocks: int | None = None
 ) -> list[int]:
     """The indices of the blocks to checkpoint: all, or every K-th from block 0 when `ac_option` is K;
-    then without the last `skip_last_blocks`. Those are the first the backward reaches, so their kept
-    activations are freed before most gradients exist: a full fine-tune, which peaks when all its
-    gradients do, can leave about as many blocks unchecked as its gradients have room for."""
+    then without the last `skip_last_blocks`, the first blocks the backward reaches (their kept
+    activations are freed first)."""
     skip = skip_last_blocks or 0
     if skip > num_blocks:
         raise ValueError(f"ac_skip_last_blocks: {skip} is more than the model's {num_blocks} blocks")
