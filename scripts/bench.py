@@ -69,7 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="with --ac: selective checkpointing (ac_mode: selective): 'op' keeps GEMM and attention outputs, "
         "an int K checkpoints every K-th block",
     )
-    p.add_argument("--ac-skip-last", type=int, help="with --ac: the last N blocks unchecked (ac_skip_last_blocks)")
+    p.add_argument(
+        "--ac-skip-last", type=int, help="with --ac: the last N blocks unchecked (ac_skip_last_blocks)"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile each block (ftcore's parallelize)")
     p.add_argument("--fused", action="store_true", help="Triton RMSNorm/SwiGLU/RoPE kernels (fused_kernels)")
     p.add_argument("--offload", action="store_true", help="with --ac: block inputs in pinned host memory")
@@ -285,7 +287,7 @@ def build_micro_step(args: argparse.Namespace, model, loss_fn, params: list, opt
         sharded=False,
         optimizer_in_backward=args.optimizer_in_backward,
     )
-    return graphed_micro_step(sum_loss, params, optimizer, device)
+    return graphed_micro_step(sum_loss, params, optimizer, device, model)
 
 
 def _ac_option(value: str | None) -> str | int | None:

@@ -27,7 +27,10 @@ def test_defaults_are_all_off():
         ({"mlp_chunk_tokens": 0}, "`mlp_chunk_tokens` must be an integer >= 1"),
         ({"mlp_chunk_tokens": True}, "`mlp_chunk_tokens` must be an integer >= 1"),
         ({"enable_activation_offloading": True}, "needs enable_activation_checkpointing: true"),
-        ({"ac_mode": "selective", "ac_option": "op"}, "ac_mode: selective needs enable_activation_checkpointing"),
+        (
+            {"ac_mode": "selective", "ac_option": "op"},
+            "ac_mode: selective needs enable_activation_checkpointing",
+        ),
     ],
 )
 def test_bad_values_are_refused_by_key(keys, message):

@@ -185,3 +185,17 @@ def test_a_replay_after_a_parameter_moved_or_was_frozen_is_refused():
     params[0].data = torch.zeros(4)  # new memory, as .to() or load_state_dict(assign=True) give
     with pytest.raises(RuntimeError, match="parameter 0 was moved to new memory"):
         step._check_parameters_unchanged()
+
+
+def test_a_replay_after_a_module_changed_train_eval_mode_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
+    params = list(model.parameters())
+    step = CudaGraphedMicroStep(lambda batch: (torch.zeros(()), 0), params, torch.device("cpu"), model=model)
+    step._captured_params = parameter_fingerprint(params)  # as the first capture records them
+    step._captured_modes = [module.training for module in model.modules()]
+    step._check_parameters_unchanged()  # nothing changed: passes
+    model[1].eval()
+    with pytest.raises(RuntimeError, match="module `1` was switched to eval mode .* call model.train"):
+        step._check_parameters_unchanged()
+    model.train()
+    step._check_parameters_unchanged()

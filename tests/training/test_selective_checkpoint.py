@@ -20,7 +20,7 @@ from ftcore.models import init_weights
 from ftcore.models.builders import lora_transformer_decoder, transformer_decoder
 from ftcore.modules.lora import get_adapter_params, set_trainable_params
 from ftcore.training.selective_checkpoint import check_ac_settings, checkpointed_blocks
-from tests.training.test_activation_offload import RUN_SMALL, _losses, block_inputs, run_command
+from tests.training.test_activation_offload import RUN_SMALL, _free_port, _losses, block_inputs, run_command
 
 SIZES = dict(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64)
 QLORA_SIZES = {**SIZES, "dim": 64, "hidden_dim": 128}
@@ -227,6 +227,21 @@ def test_ftcore_run_with_the_op_policy_matches_full_checkpointing(tmp_path):
     full, op = _losses(tmp_path / "full"), _losses(tmp_path / "op")
     assert sorted(full) == [1, 2, 3]
     assert op == pytest.approx(full, abs=1e-5)
+
+
+def test_two_processes_with_the_op_policy_match_full_checkpointing(tmp_path):
+    """Under torchrun (FSDP2, gloo on CPU): the blocks' parameters are all-gathered around the kept
+    GEMMs; LoRA dropout on (the unfused adapter path and the RNG replay)."""
+    common = [*RUN_SMALL, "model.lora_dropout=0.1", "enable_activation_checkpointing=true", "batch_size=2"]
+    losses = {}
+    for name, extra in (("full", []), ("op", ["ac_mode=selective", "ac_option=op", "ac_skip_last_blocks=1"])):
+        out = tmp_path / name
+        run_command(
+            "--nproc_per_node", "2", "--master_port", str(_free_port()), *common, f"output_dir={out}", *extra
+        )
+        losses[name] = _losses(out)
+    assert sorted(losses["full"]) == [1, 2, 3]
+    assert losses["op"] == pytest.approx(losses["full"], abs=1e-6)
 
 
 def test_the_policy_finds_kept_outputs_when_consulted_before_the_op_and_replays_in_the_recompute():

@@ -203,7 +203,7 @@ def _build_graphed_step(cfg: DictConfig, model, trainable: list, optimizer, devi
     from ftcore.training.cuda_graphs import graphed_micro_step
 
     loss_fn = _build_loss(cfg, device, static_shapes=True)
-    return graphed_micro_step(lambda batch: loss_fn(model, batch), trainable, optimizer, device)
+    return graphed_micro_step(lambda batch: loss_fn(model, batch), trainable, optimizer, device, model)
 
 
 def _check_vocab(tokenizer, model) -> None:

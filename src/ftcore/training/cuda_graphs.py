@@ -156,6 +156,7 @@ class CudaGraphedMicroStep:
         *,
         warmup_calls: int = WARMUP_CALLS,
         max_graphs: int = MAX_GRAPHS,
+        model: torch.nn.Module | None = None,
     ):
         if warmup_calls < 1:  # the warm-up is also what finds the parameters the backward reaches
             raise ValueError(f"CudaGraphedMicroStep needs warmup_calls >= 1, got {warmup_calls}")
@@ -172,6 +173,9 @@ class CudaGraphedMicroStep:
         self._warned_shapes = False
         self._waits = 0  # micro-batches run eagerly because none had started a step yet
         self._captured_params: list[tuple[int, bool]] | None = None  # (address, requires_grad) at capture
+        # the model's modules, whose train/eval modes a graph fixes (dropout draws or not)
+        self._modules = list(model.named_modules()) if model is not None else []
+        self._captured_modes: list[bool] | None = None
         self._side_stream: torch.cuda.Stream | None = None
 
     @property
@@ -253,12 +257,14 @@ class CudaGraphedMicroStep:
             self._grads, self._assigning = list(assigned), batch_signature(batch)
         if self._captured_params is None:
             self._captured_params = parameter_fingerprint(self._params)
+            self._captured_modes = [module.training for _, module in self._modules]
         log.info("cuda_graphs: captured the step for batch %s", _describe(batch_signature(batch)))
         return _Captured(graph, static_batch, denominator, loss_sum, assigned)
 
     def _check_parameters_unchanged(self) -> None:
         # A graph reads and writes fixed addresses: a parameter moved to new memory (`.to()`, a load
-        # with assign=True) or (un)frozen after capture would be trained on stale memory, silently.
+        # with assign=True) or (un)frozen after capture would be trained on stale memory, silently;
+        # a module switched to eval would still be trained as captured (with dropout), silently.
         now = parameter_fingerprint(self._params)
         if self._captured_params is not None and now != self._captured_params:
             changed = next(i for i, (a, b) in enumerate(zip(now, self._captured_params)) if a != b)
@@ -267,6 +273,15 @@ class CudaGraphedMicroStep:
                 "changed after the step was captured, so the graph would use stale memory; keep the "
                 "parameters in place during training, or set cuda_graphs: false"
             )
+        if self._captured_modes is not None:
+            for (name, module), captured in zip(self._modules, self._captured_modes):
+                if module.training != captured:
+                    raise RuntimeError(
+                        f"cuda_graphs: module `{name or 'model'}` was switched to "
+                        f"{'train' if module.training else 'eval'} mode after the step was captured in "
+                        f"{'train' if captured else 'eval'} mode, and the graph replays the captured one; call "
+                        "model.train() before training steps (evaluation runs outside the graph)"
+                    )
 
     def _replay(
         self, captured: _Captured, batch: Mapping[str, torch.Tensor], denominator: int
@@ -305,11 +320,16 @@ class CudaGraphedMicroStep:
 
 
 def graphed_micro_step(
-    sum_loss_fn: SumLossFn, params: list[torch.nn.Parameter], optimizer, device: torch.device
+    sum_loss_fn: SumLossFn,
+    params: list[torch.nn.Parameter],
+    optimizer,
+    device: torch.device,
+    model: torch.nn.Module | None = None,
 ) -> CudaGraphedMicroStep:
-    """The `cuda_graphs` micro-step of a run whose settings `check_cuda_graphs` passed."""
+    """The `cuda_graphs` micro-step of a run whose settings `check_cuda_graphs` passed; `model` lets
+    each replay check that no module's train/eval mode changed since the capture."""
     check_graph_safe_optimizer(optimizer)
-    return CudaGraphedMicroStep(sum_loss_fn, params, device)
+    return CudaGraphedMicroStep(sum_loss_fn, params, device, model=model)
 
 
 def _describe(signature: Signature) -> str:
