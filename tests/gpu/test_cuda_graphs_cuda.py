@@ -19,12 +19,12 @@ from ftcore.config import apply_overrides, load_config
 from ftcore.distributed.parallelize import parallelize
 from ftcore.models import init_weights
 from ftcore.models.builders import lora_transformer_decoder, transformer_decoder
-from ftcore.modules.lora import get_adapter_params, set_trainable_params
 from ftcore.paths import RECIPES_DIR
 from ftcore.runner.loss import LanguageModelLoss
 from ftcore.training import accumulate_gradients
 from ftcore.training.accumulation import eager_micro_step
 from ftcore.training.cuda_graphs import CudaGraphedMicroStep
+from tests.lora_setup import train_adapters_only
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,11 +43,7 @@ def build(dropout: float = 0.0, checkpointing: bool = True, fused: bool = True) 
             lora_dropout=dropout, **SIZES,
         )  # fmt: skip
     init_weights(model)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_b" in name:
-                param.normal_(0.0, 0.02)
-    set_trainable_params(model, get_adapter_params(model))
+    train_adapters_only(model, b_std=0.02)
     return parallelize(model, activation_checkpointing=checkpointing, fused_kernels=fused)
 
 

@@ -13,12 +13,12 @@ import torch
 from ftcore.distributed.parallelize import parallelize
 from ftcore.models import init_weights
 from ftcore.models.builders import lora_transformer_decoder
-from ftcore.modules.lora import get_adapter_params, set_trainable_params
 from ftcore.runner.loss import LanguageModelLoss
 from ftcore.runner.setup import default_dtype
 from ftcore.training.accumulation import eager_micro_step
 from ftcore.training.cuda_graphs import CudaGraphedMicroStep
 from tests.gpu.test_cuda_graphs_cuda import batches, train
+from tests.lora_setup import train_adapters_only
 
 pytestmark = [
     pytest.mark.gpu,
@@ -38,11 +38,7 @@ def build(quantize: bool = False, checkpointing: bool = True, **options) -> torc
             quantize_base=quantize, **SIZES,
         )  # fmt: skip
     init_weights(model)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_b" in name:
-                param.normal_(0.0, 0.02)
-    set_trainable_params(model, get_adapter_params(model))
+    train_adapters_only(model, b_std=0.02)
     return parallelize(model, activation_checkpointing=checkpointing, fused_kernels=True, **options)
 
 

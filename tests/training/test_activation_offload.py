@@ -22,10 +22,10 @@ from omegaconf import OmegaConf
 from ftcore.distributed.parallelize import parallelize, speed_options
 from ftcore.models import init_weights
 from ftcore.models.builders import lora_transformer_decoder, transformer_decoder
-from ftcore.modules.lora import get_adapter_params, set_trainable_params
 from ftcore.training import activation_offload
 from ftcore.training.activation_offload import OffloadChain
 from ftcore.training.chunked_mlp import chunked_mlp_forward
+from tests.lora_setup import train_adapters_only
 from tests.recipes.helpers import ftcore_run_command
 
 SIZES = dict(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64)
@@ -48,11 +48,7 @@ def build(kind: str, dropout: float = 0.2, dtype=torch.float32) -> torch.nn.Modu
         **SIZES,
     )
     init_weights(model)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_b" in name:
-                param.normal_(0.0, 0.1)
-    set_trainable_params(model, get_adapter_params(model))
+    train_adapters_only(model, b_std=0.1)
     return model.to(dtype)
 
 
