@@ -18,8 +18,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ftcore.distributed.parallelize import parallelize, speed_options
 from ftcore.models import init_weights
 from ftcore.models.builders import lora_transformer_decoder, transformer_decoder
+from ftcore.training import selective_checkpoint
 from ftcore.training.selective_checkpoint import check_ac_settings, checkpointed_blocks
 from tests.lora_setup import train_adapters_only
+from tests.training.sac_before_op import create_contexts_before_op
 from tests.training.test_activation_offload import RUN_SMALL, _free_port, _losses, block_inputs, run_command
 
 SIZES = dict(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64)
@@ -89,8 +91,18 @@ def checkpointed(kind: str, dropout: float = 0.0, **options):
     return model
 
 
+@pytest.fixture(params=["after-op", "before-op"])
+def policy_order(request, monkeypatch):
+    """Run the op policy in this torch's order and in the older one (sac_before_op)."""
+    if request.param == "before-op":
+        monkeypatch.setattr(
+            selective_checkpoint, "create_selective_checkpoint_contexts", create_contexts_before_op
+        )
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ["full", "lora", "qlora"])
-def test_op_policy_gives_the_plain_gradients(kind):
+def test_op_policy_gives_the_plain_gradients(kind, policy_order):
     model = checkpointed(kind)
     ref = run_blocks(model, *inputs_for(model))
     model = checkpointed(kind, ac_mode="selective", ac_option="op")
@@ -102,7 +114,7 @@ def test_op_policy_gives_the_plain_gradients(kind):
         torch.testing.assert_close(grad, ref[1][name], **TIGHT, msg=name)
 
 
-def test_op_policy_with_lora_dropout_replays_the_masks():
+def test_op_policy_with_lora_dropout_replays_the_masks(policy_order):
     """Dropout on: the unfused LoRA path (adapter added in place into the base output) and the RNG replay."""
     ref = run_blocks(checkpointed("lora", dropout=0.2), *block_inputs())
     loss, grads, input_grad = run_blocks(
@@ -113,8 +125,8 @@ def test_op_policy_with_lora_dropout_replays_the_masks():
         torch.testing.assert_close(grad, ref[1][name], **TIGHT, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
-def test_op_policy_reruns_no_forward_gemm_in_the_backward(kind):
+@pytest.mark.parametrize("kind", ["full", "lora", "qlora"])
+def test_op_policy_reruns_no_forward_gemm_in_the_backward(kind, policy_order):
     counts = {}
     for name, options in (
         ("plain", {}),
@@ -122,11 +134,13 @@ def test_op_policy_reruns_no_forward_gemm_in_the_backward(kind):
         ("op", {"ac_mode": "selective", "ac_option": "op"}),
     ):
         count = CountGemms()
-        run_blocks(checkpointed(kind, **options), *block_inputs(), count=count)
+        model = checkpointed(kind, **options)
+        run_blocks(model, *inputs_for(model), count=count)
         counts[name] = count.count
     forward = CountGemms()
     with forward, torch.no_grad():
-        model, (x, pos, mask) = build(kind), block_inputs()
+        model = build(kind)
+        x, pos, mask = inputs_for(model)
         h = x
         for layer in model.layers:
             h = layer(h, pos, mask, cache_pos=None)
@@ -156,9 +170,27 @@ def test_checkpointed_blocks():
     assert checkpointed_blocks(5, 9) == [0]
     assert checkpointed_blocks(5, None, 2) == [0, 1, 2]
     assert checkpointed_blocks(5, 2, 1) == [0, 2]
-    assert checkpointed_blocks(5, "op", 5) == []
-    with pytest.raises(ValueError, match="ac_skip_last_blocks: 6 is more than the model's 5 blocks"):
-        checkpointed_blocks(5, None, 6)
+    assert checkpointed_blocks(5, "op", 4) == [0]
+    for skip in (5, 6):
+        with pytest.raises(
+            ValueError, match=f"ac_skip_last_blocks: {skip} leaves none of the model's 5 blocks"
+        ):
+            checkpointed_blocks(5, None, skip)
+
+
+def test_every_kth_block_and_skip_last_combine():
+    model = checkpointed("lora", ac_mode="selective", ac_option=2, ac_skip_last_blocks=1)
+    assert [isinstance(block.forward, functools.partial) for block in model.layers] == [True, False, False]
+
+
+def test_the_op_policy_refuses_dora():
+    model = lora_transformer_decoder(["q_proj"], lora_rank=4, use_dora=True, **SIZES)
+    with pytest.raises(ValueError, match="ac_option: op does not support DoRA"):
+        parallelize(model, activation_checkpointing=True, ac_mode="selective", ac_option="op")
+    cfg = {"enable_activation_checkpointing": True, "ac_mode": "selective", "ac_option": "op"}
+    with pytest.raises(ValueError, match="ac_option: op does not support DoRA"):
+        speed_options(OmegaConf.create({**cfg, "model": {"use_dora": True}}))
+    parallelize(model, activation_checkpointing=True, ac_mode="selective", ac_option=2)  # K: fine
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
@@ -251,13 +283,23 @@ def test_the_policy_finds_kept_outputs_when_consulted_before_the_op_and_replays_
 
     kept_output, fresh = torch.zeros(4, 4), torch.zeros(4, 4)
     policy = SaveMatmulsPolicy()
-    policy.kept = {"aten::mm": [SimpleNamespace(val=kept_output.detach())]}
+    policy.watch({"aten::mm": [SimpleNamespace(val=kept_output.detach())]})
     forward, recompute = SimpleNamespace(is_recompute=False), SimpleNamespace(is_recompute=True)
     addmm_ = torch.ops.aten.addmm_.default
     assert policy(forward, torch.ops.aten.mm.default, fresh, fresh) == CheckpointPolicy.MUST_SAVE
     assert policy(forward, addmm_, kept_output, fresh, fresh) == CheckpointPolicy.MUST_SAVE
     assert policy(forward, addmm_, fresh, fresh, fresh) == CheckpointPolicy.PREFER_RECOMPUTE
     assert policy(forward, torch.ops.aten.add.Tensor, kept_output, fresh) == CheckpointPolicy.PREFER_RECOMPUTE
+    # `out=` writes count as in-place: into a kept tensor it is kept; a GEMM's out= variant is no kept GEMM
+    mul_out = torch.ops.aten.mul.out
+    assert policy(forward, mul_out, fresh, fresh, out=kept_output[1:]) == CheckpointPolicy.MUST_SAVE
+    assert (
+        policy(forward, torch.ops.aten.mm.out, fresh, fresh, out=fresh) == CheckpointPolicy.PREFER_RECOMPUTE
+    )
     # in the recompute the tensors are new ones: the forward's decisions are replayed in order
     assert policy(recompute, addmm_, fresh, fresh, fresh) == CheckpointPolicy.MUST_SAVE
     assert policy(recompute, addmm_, fresh, fresh, fresh) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert policy(recompute, mul_out, fresh, fresh, out=fresh) == CheckpointPolicy.MUST_SAVE
+    assert (
+        policy(recompute, torch.ops.aten.mm.out, fresh, fresh, out=fresh) == CheckpointPolicy.PREFER_RECOMPUTE
+    )

@@ -14,7 +14,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ftcore.training.selective_checkpoint import check_ac_settings, checkpoint_options, checkpointed_blocks
+from ftcore.training.selective_checkpoint import (
+    OP_WITH_DORA,
+    check_ac_settings,
+    check_op_policy_fits,
+    checkpoint_options,
+    checkpointed_blocks,
+)
 
 
 def draws_random_numbers(module: nn.Module) -> bool:
@@ -39,6 +45,7 @@ def apply_activation_checkpointing(
     the plain model and checkpoints need no renaming.
     """
     option = ac_option if ac_mode == "selective" else None
+    check_op_policy_fits(model, option)
     blocks = cast(nn.ModuleList, model.layers)
     for index in checkpointed_blocks(len(blocks), option, skip_last_blocks):
         block = blocks[index]
@@ -94,6 +101,13 @@ def speed_options(cfg) -> dict:
         options["mlp_chunk_tokens"],
         options["ac_skip_last_blocks"],
     )
+    model_node = cfg.get("model") or {}
+    if (
+        options["ac_mode"] == "selective"
+        and options["ac_option"] == "op"
+        and model_node.get("use_dora", False)
+    ):
+        raise ValueError(OP_WITH_DORA)  # before the weights load; parallelize checks the built model too
     if options["activation_offloading"]:
         _check_offloading(options["activation_checkpointing"])
     if options["mlp_chunk_tokens"] is not None:

@@ -7,8 +7,10 @@ selective modes (`ac_mode: selective`) trade memory back for that time:
 - `ac_option: op` checkpoints every block but keeps the outputs of its GEMMs and of fused attention,
   so the backward reruns only the cheap ops (norms, RoPE, SwiGLU, residual adds, dequantize). An 8B
   block at 4,096 tokens then keeps ~0.4 GB instead of 32 MB.
-- `ac_option: K` (an int) checkpoints every K-th block fully and leaves the others unchecked (K = 1 is
-  full checkpointing; torchtune's `ac_option` has the same meaning).
+- `ac_option: K` (an int) checkpoints every K-th block fully (blocks 0, K, 2K, ...) and leaves the
+  others unchecked (K = 1 is full checkpointing). torchtune's `ac_option: K` also keeps one block in
+  K, counted from block K-1, and applies with its `enable_activation_checkpointing` off; ftcore asks
+  for it on, as what `ac_mode` refines.
 
 `ac_skip_last_blocks: N` (any mode) leaves the last N blocks unchecked; see `checkpointed_blocks`.
 
@@ -23,13 +25,20 @@ from __future__ import annotations
 from typing import TypeGuard
 
 import torch
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 AC_MODES = ("full", "selective")
 OP_OPTION = "op"
+OP_WITH_DORA = (
+    "ac_option: op does not support DoRA (use_dora: true): it would keep every adapter's weight-sized product; "
+    "use ac_mode: full, or ac_option: K / ac_skip_last_blocks"
+)
 
 # The expensive ops whose outputs the `op` policy keeps: GEMMs (F.linear lowers to mm, or addmm with
-# a bias), the fused attention kernels, and ftcore's NF4 linear operator (dequantize + GEMM in one op).
+# a bias), the fused attention kernels, and ftcore's NF4 linear operator (dispatched as one op under
+# compile; in eager the GEMM inside its dequantize path is what is kept, and the forced fused Triton
+# NF4 GEMM, FTCORE_NF4_MATMUL=fused, is invisible to the policy and recomputed).
 # The unfused (math) attention is not listed: it would keep (T, T) scores; it is recomputed instead.
 SAVED_OP_NAMES = frozenset(
     {
@@ -50,43 +59,83 @@ SAVED_OP_NAMES = frozenset(
 class SaveMatmulsPolicy:
     """One checkpointed call's policy: keep the listed ops' outputs and in-place updates of them.
 
-    Whether an in-place op mutates a kept output is read from the forward's own store of kept outputs
-    (`kept`, set by `save_matmuls_context`), not from the op's output: torch versions differ in whether
-    the policy runs before or after the op. The in-place decisions are replayed in order during the
-    recompute, for the torch versions that consult the policy again then."""
+    Whether an op writes into a kept output (in place, or through `out=`) is read from the forward's
+    own store of kept outputs (`watch`, called by `save_matmuls_context`), not from the op's output:
+    torch versions differ in whether the policy runs before or after the op. The decisions on writing
+    ops are replayed in order during the recompute, for the torch versions that consult the policy
+    again then.
+
+    Correct only while no recomputed op reads a kept output before a kept in-place op changes it: the
+    recompute hands out the kept tensor in its final state. ftcore's blocks meet this (the in-place
+    LoRA add comes right after its GEMM; CPU tests compare every model path with the unchecked one)."""
 
     def __init__(self) -> None:
-        self.kept: object = {}  # the caching mode's storage of kept outputs
-        self._inplace_decisions: list[CheckpointPolicy] = []
+        self._kept = _KeptStorages({})
+        self._write_decisions: list[CheckpointPolicy] = []
         self._replayed = 0
+
+    def watch(self, store) -> None:
+        """The caching mode's storage of kept outputs, read when an op writes into a tensor."""
+        self._kept = _KeptStorages(store)
 
     def __call__(self, ctx, func, *args, **kwargs) -> CheckpointPolicy:
         schema = getattr(func, "_schema", None)  # higher-order ops (compiled regions) have none
-        if schema is not None and schema.name in SAVED_OP_NAMES:
-            return CheckpointPolicy.MUST_SAVE
-        if not (schema is not None and schema.is_mutable and args and isinstance(args[0], torch.Tensor)):
+        if schema is None:
             return CheckpointPolicy.PREFER_RECOMPUTE
+        if not schema.is_mutable:
+            return (
+                CheckpointPolicy.MUST_SAVE
+                if schema.name in SAVED_OP_NAMES
+                else CheckpointPolicy.PREFER_RECOMPUTE
+            )
         if ctx.is_recompute:
-            decision = self._inplace_decisions[self._replayed]
+            decision = self._write_decisions[self._replayed]
             self._replayed += 1
             return decision
-        pointer = _storage_pointer(args[0])
-        kept = pointer is not None and pointer in {_storage_pointer(t) for t in _tensors_in(self.kept)}
-        decision = CheckpointPolicy.MUST_SAVE if kept else CheckpointPolicy.PREFER_RECOMPUTE
-        self._inplace_decisions.append(decision)
+        pointers = self._kept.pointers()
+        writes_kept = any(_storage_pointer(t) in pointers for t in _written_tensors(schema, args, kwargs))
+        decision = CheckpointPolicy.MUST_SAVE if writes_kept else CheckpointPolicy.PREFER_RECOMPUTE
+        self._write_decisions.append(decision)
         return decision
 
 
-def _tensors_in(store) -> list[torch.Tensor]:
-    """The tensors of the caching mode's store: nested dicts and lists of version wrappers (`.val`)."""
-    if isinstance(store, torch.Tensor):
-        return [store]
-    if isinstance(store, dict):
-        return [t for value in store.values() for t in _tensors_in(value)]
-    if isinstance(store, (list, tuple)):
-        return [t for value in store for t in _tensors_in(value)]
-    value = getattr(store, "val", None)
-    return [value] if isinstance(value, torch.Tensor) else []
+def _written_tensors(schema, args, kwargs) -> list[torch.Tensor]:
+    """The tensors an op writes into: its arguments marked `(a!)` in the schema (`self` of an in-place
+    op, `out=`, the lists of a foreach op)."""
+    written = []
+    for index, argument in enumerate(schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = args[index] if index < len(args) else kwargs.get(argument.name)
+        written += [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+    return written
+
+
+class _KeptStorages:
+    """The memory addresses of the kept outputs, read incrementally from the caching mode's store
+    (key -> {index: entry} or key -> [entry]; an entry is a tree of version wrappers with `.val`)."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self._read: dict[object, int] = {}  # per key, how many entries are read
+        self._pointers: set[int | None] = set()
+
+    def pointers(self) -> set[int | None]:
+        for key, entries in self._store.items():
+            done = self._read.get(key, 0)
+            fresh = (
+                entries[done:]
+                if isinstance(entries, list)
+                else [entries[i] for i in range(done, len(entries))]
+            )
+            self._read[key] = done + len(fresh)
+            for entry in fresh:
+                for leaf in tree_leaves(entry):
+                    value = getattr(leaf, "val", leaf)
+                    if isinstance(value, torch.Tensor):
+                        self._pointers.add(_storage_pointer(value))
+        self._pointers.discard(None)
+        return self._pointers
 
 
 def _storage_pointer(tensor: torch.Tensor) -> int | None:
@@ -104,7 +153,7 @@ def save_matmuls_context():
     policy also keeps; the recompute then returns the final tensor for both and mutates nothing."""
     policy = SaveMatmulsPolicy()
     forward, recompute = create_selective_checkpoint_contexts(policy, allow_cache_entry_mutation=True)
-    policy.kept = forward.storage
+    policy.watch(forward.storage)
     return forward, recompute
 
 
@@ -174,10 +223,20 @@ def checkpointed_blocks(
     then without the last `skip_last_blocks`, the first blocks the backward reaches (their kept
     activations are freed first)."""
     skip = skip_last_blocks or 0
-    if skip > num_blocks:
-        raise ValueError(f"ac_skip_last_blocks: {skip} is more than the model's {num_blocks} blocks")
+    if skip >= num_blocks:
+        raise ValueError(
+            f"ac_skip_last_blocks: {skip} leaves none of the model's {num_blocks} blocks checkpointed; use at most "
+            f"{num_blocks - 1}, or set enable_activation_checkpointing: false"
+        )
     step = ac_option if _is_int(ac_option) else 1
     return list(range(0, num_blocks - skip, step))
+
+
+def check_op_policy_fits(model: torch.nn.Module, ac_option: str | int | None) -> None:
+    """DoRA's forward forms each adapter's (out, in) weight product for its norm: a GEMM the `op`
+    policy would keep (26 GiB on an 8B model with all projections adapted), though autograd needs none."""
+    if ac_option == OP_OPTION and any(getattr(module, "use_dora", False) for module in model.modules()):
+        raise ValueError(OP_WITH_DORA)
 
 
 def checkpoint_options(ac_option: str | int | None) -> dict:
