@@ -99,6 +99,20 @@ def test_validate_with_and_without_recipe(fixtures_dir, capsys):
     assert "no built-in recipe of that name" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("ac_mode=selective", "ac_mode: selective needs enable_activation_checkpointing: true"),
+        ("ac_skip_last_blocks=-3", "ac_skip_last_blocks: -3 must be an integer >= 0"),
+        ("enable_activation_offloading=true", "needs enable_activation_checkpointing: true"),
+    ],
+)
+def test_validate_checks_the_speed_switches_of_a_fine_tuning_config(override, words, capsys):
+    assert main(["validate", "lora_finetune", "--config", "demo/reverse_lora", override]) == 2
+    err = capsys.readouterr().err
+    assert "reverse_lora.yaml" in err and words in err
+
+
 def test_unknown_flag_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["ls", "--bogus"])

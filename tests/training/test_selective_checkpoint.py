@@ -210,7 +210,7 @@ def test_the_last_blocks_can_be_left_unchecked_with_the_same_gradients(kind):
         ((True, "partial", None), "ac_mode: 'partial'"),
         ((True, None, "op"), "ac_option: 'op' applies to ac_mode: selective"),
         ((False, "selective", "op"), "needs enable_activation_checkpointing: true"),
-        ((True, "selective", None), "ac_option: None is not valid"),
+        ((True, "selective", None), "ac_option: null is not valid"),
         ((True, "selective", 0), "ac_option: 0 is not valid"),
         ((True, "selective", True), "ac_option: True is not valid"),
         ((True, "selective", "ops"), "ac_option: 'ops' is not valid"),

@@ -113,7 +113,21 @@ def validate_for_recipe(cfg: DictConfig, recipe_path: Path, source: str) -> int:
         declarations = _declarations(
             getattr(module, "CONFIG_KEYS", None), getattr(module, "RUNTIME_ARGS", None)
         )
-    return validate_config(cfg, declarations.config_keys, source, declarations.runtime_args)
+    count = validate_config(cfg, declarations.config_keys, source, declarations.runtime_args)
+    if declarations.config_keys and "enable_activation_checkpointing" in declarations.config_keys:
+        _check_speed_options(cfg, source)
+    return count
+
+
+def _check_speed_options(cfg: DictConfig, source: str) -> None:
+    """The speed/memory switches' combinations (checkpointing modes, offloading, chunking), as the
+    run checks them before building: so `ftcore validate` reports them too, loading nothing."""
+    from ftcore.distributed.parallelize import speed_options
+
+    try:
+        speed_options(cfg)
+    except ValueError as error:
+        raise ConfigError(source, "", str(error).rstrip(".")) from error
 
 
 def import_recipe(path: Path) -> ModuleType:

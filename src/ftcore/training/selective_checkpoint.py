@@ -183,7 +183,8 @@ def check_ac_settings(
         )
     if ac_option != OP_OPTION and not (_is_int(ac_option) and ac_option >= 1):
         raise ValueError(
-            f"ac_option: {ac_option!r} is not valid with ac_mode: selective; use 'op' (keep GEMM and attention "
+            f"ac_option: {'null' if ac_option is None else repr(ac_option)} is not valid with ac_mode: selective; "
+            "use 'op' (keep GEMM and attention "
             "outputs, recompute the rest) or an int K >= 1 (checkpoint every K-th block)"
         )
     if activation_offloading:
