@@ -289,7 +289,6 @@ def test_the_policy_finds_kept_outputs_when_consulted_before_the_op_and_replays_
     assert policy(forward, torch.ops.aten.mm.default, fresh, fresh) == CheckpointPolicy.MUST_SAVE
     assert policy(forward, addmm_, kept_output, fresh, fresh) == CheckpointPolicy.MUST_SAVE
     assert policy(forward, addmm_, fresh, fresh, fresh) == CheckpointPolicy.PREFER_RECOMPUTE
-    assert policy(forward, torch.ops.aten.add.Tensor, kept_output, fresh) == CheckpointPolicy.PREFER_RECOMPUTE
     # `out=` writes count as in-place: into a kept tensor it is kept; a GEMM's out= variant is no kept GEMM
     mul_out = torch.ops.aten.mul.out
     assert policy(forward, mul_out, fresh, fresh, out=kept_output[1:]) == CheckpointPolicy.MUST_SAVE
@@ -303,3 +302,37 @@ def test_the_policy_finds_kept_outputs_when_consulted_before_the_op_and_replays_
     assert (
         policy(recompute, torch.ops.aten.mm.out, fresh, fresh, out=fresh) == CheckpointPolicy.PREFER_RECOMPUTE
     )
+    # a recomputed op that reads the kept output before an in-place change of it: refused
+    reader = SaveMatmulsPolicy()
+    reader.watch({"aten::mm": [SimpleNamespace(val=kept_output.detach())]})
+    assert reader(forward, torch.ops.aten.add.Tensor, kept_output, fresh) == CheckpointPolicy.PREFER_RECOMPUTE
+    with pytest.raises(RuntimeError, match="after a recomputed op read it"):
+        reader(forward, addmm_, kept_output, fresh, fresh)
+
+
+def _reads_then_changes_in_place(x, w):
+    y = x @ w
+    z = torch.sigmoid(y)  # a recomputed op computes from the kept GEMM output ...
+    y.add_(1)  # ... which then changes in place: the recompute would hand sigmoid the changed value
+    return (z * y).sum()
+
+
+def _views_then_changes_in_place(x, w):
+    y = x @ w
+    flat = y.view(-1)  # a view follows the kept tensor's final state in forward and recompute alike
+    y.add_(1)
+    return (flat * 2).sum() + torch.tanh(y).sum()
+
+
+def test_a_read_before_an_in_place_change_of_a_kept_output_is_refused(policy_order):
+    from torch.utils.checkpoint import checkpoint
+
+    from ftcore.training.selective_checkpoint import save_matmuls_context
+
+    x, w = torch.randn(4, 4, requires_grad=True), torch.randn(4, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="`aten::add_` changes a kept GEMM or attention output in place"):
+        checkpoint(_reads_then_changes_in_place, x, w, use_reentrant=False, context_fn=save_matmuls_context)
+    reference = torch.autograd.grad(_views_then_changes_in_place(x, w), (x, w))
+    out = checkpoint(_views_then_changes_in_place, x, w, use_reentrant=False, context_fn=save_matmuls_context)
+    for grad, expected in zip(torch.autograd.grad(out, (x, w)), reference):
+        torch.testing.assert_close(grad, expected, **TIGHT)

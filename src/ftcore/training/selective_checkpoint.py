@@ -22,6 +22,8 @@ added for in-place ops: LoRA adds its adapter product into the base GEMM's outpu
 
 from __future__ import annotations
 
+import enum
+import functools
 from typing import TypeGuard
 
 import torch
@@ -67,36 +69,82 @@ class SaveMatmulsPolicy:
 
     Correct only while no recomputed op reads a kept output before a kept in-place op changes it: the
     recompute hands out the kept tensor in its final state. ftcore's blocks meet this (the in-place
-    LoRA add comes right after its GEMM; CPU tests compare every model path with the unchecked one)."""
+    LoRA add comes right after its GEMM); a block that does not is refused with an error at that op,
+    not trained on wrong gradients."""
 
     def __init__(self) -> None:
         self._kept = _KeptStorages({})
         self._write_decisions: list[CheckpointPolicy] = []
         self._replayed = 0
+        self._read_by_recomputed: set[int | None] = set()  # kept outputs a recomputed op read
 
     def watch(self, store) -> None:
         """The caching mode's storage of kept outputs, read when an op writes into a tensor."""
         self._kept = _KeptStorages(store)
 
     def __call__(self, ctx, func, *args, **kwargs) -> CheckpointPolicy:
-        schema = getattr(func, "_schema", None)  # higher-order ops (compiled regions) have none
-        if schema is None:
+        kind = _op_kind(func)
+        if kind is _OpKind.KEPT:
+            self._kept.changed()  # its output joins the store once this call returns
+            return CheckpointPolicy.MUST_SAVE
+        if kind is not _OpKind.WRITES:
+            if kind is _OpKind.COMPUTES and not ctx.is_recompute:
+                self._note_reads_of_kept(args, kwargs)
             return CheckpointPolicy.PREFER_RECOMPUTE
-        if not schema.is_mutable:
-            return (
-                CheckpointPolicy.MUST_SAVE
-                if schema.name in SAVED_OP_NAMES
-                else CheckpointPolicy.PREFER_RECOMPUTE
-            )
+        schema = func._schema
         if ctx.is_recompute:
             decision = self._write_decisions[self._replayed]
             self._replayed += 1
             return decision
         pointers = self._kept.pointers()
-        writes_kept = any(_storage_pointer(t) in pointers for t in _written_tensors(schema, args, kwargs))
+        written = {_storage_pointer(t) for t in _written_tensors(schema, args, kwargs)}
+        writes_kept = bool(written & pointers)
+        if written & self._read_by_recomputed:
+            raise RuntimeError(
+                f"ac_option: op cannot checkpoint this block: `{schema.name}` changes a kept GEMM or attention "
+                "output in place after a recomputed op read it, so the recompute would read the changed value; "
+                "write the in-place op out of place, or use ac_mode: full"
+            )
         decision = CheckpointPolicy.MUST_SAVE if writes_kept else CheckpointPolicy.PREFER_RECOMPUTE
+        if writes_kept:
+            self._kept.changed()
         self._write_decisions.append(decision)
         return decision
+
+    def _note_reads_of_kept(self, args, kwargs) -> None:
+        """Remember the kept outputs a recomputed op computes from (views excepted: they follow the
+        kept tensor's final state in the recompute as they followed it in the forward)."""
+        pointers = self._kept.pointers()
+        if not pointers:
+            return
+        for value in (*args, *kwargs.values()):  # flat: an op's tensors, or tensor lists (cat, stack)
+            for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(tensor, torch.Tensor):
+                    pointer = _storage_pointer(tensor)
+                    if pointer in pointers:
+                        self._read_by_recomputed.add(pointer)
+
+
+class _OpKind(enum.Enum):
+    KEPT = "a listed GEMM or attention op: its output is kept"
+    WRITES = "writes into an argument (in place, out=): kept when that argument is"
+    COMPUTES = "a new tensor from its inputs: recomputed"
+    VIEWS = "returns an alias of an input, or has no schema (higher-order ops): recomputed"
+
+
+@functools.cache
+def _op_kind(func) -> _OpKind:
+    """What the policy does with an op, decided once per op overload (the policy runs for every op)."""
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return _OpKind.VIEWS
+    if schema.is_mutable:
+        return _OpKind.WRITES
+    if schema.name in SAVED_OP_NAMES:
+        return _OpKind.KEPT
+    if any(result.alias_info is not None for result in schema.returns):
+        return _OpKind.VIEWS
+    return _OpKind.COMPUTES
 
 
 def _written_tensors(schema, args, kwargs) -> list[torch.Tensor]:
@@ -113,22 +161,32 @@ def _written_tensors(schema, args, kwargs) -> list[torch.Tensor]:
 
 class _KeptStorages:
     """The memory addresses of the kept outputs, read incrementally from the caching mode's store
-    (key -> {index: entry} or key -> [entry]; an entry is a tree of version wrappers with `.val`)."""
+    (key -> {index: entry} or key -> [entry]; an entry is a tree of version wrappers with `.val`),
+    and only after a kept op (`changed`): the policy runs for every op, the store grows by few."""
 
     def __init__(self, store) -> None:
         self._store = store
         self._read: dict[object, int] = {}  # per key, how many entries are read
         self._pointers: set[int | None] = set()
+        self._stale = True
+
+    def changed(self) -> None:
+        self._stale = True
 
     def pointers(self) -> set[int | None]:
+        if not self._stale:
+            return self._pointers
+        self._stale = False
         for key, entries in self._store.items():
             done = self._read.get(key, 0)
+            if len(entries) == done:
+                continue
             fresh = (
                 entries[done:]
                 if isinstance(entries, list)
                 else [entries[i] for i in range(done, len(entries))]
             )
-            self._read[key] = done + len(fresh)
+            self._read[key] = len(entries)
             for entry in fresh:
                 for leaf in tree_leaves(entry):
                     value = getattr(leaf, "val", leaf)
