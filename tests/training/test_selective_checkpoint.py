@@ -19,7 +19,7 @@ from ftcore.distributed.parallelize import parallelize, speed_options
 from ftcore.models import init_weights
 from ftcore.models.builders import lora_transformer_decoder, transformer_decoder
 from ftcore.training import selective_checkpoint
-from ftcore.training.selective_checkpoint import check_ac_settings, checkpointed_blocks
+from ftcore.training.selective_checkpoint import CheckpointPlan, checkpoint_plan
 from tests.lora_setup import train_adapters_only
 from tests.training.sac_before_op import create_contexts_before_op
 from tests.training.test_activation_offload import RUN_SMALL, _free_port, _losses, block_inputs, run_command
@@ -162,20 +162,28 @@ def test_every_kth_block_is_checkpointed_and_the_gradients_match():
         torch.testing.assert_close(grad, ref[1][name], **TIGHT, msg=name)
 
 
-def test_checkpointed_blocks():
-    assert checkpointed_blocks(5, None) == [0, 1, 2, 3, 4]
-    assert checkpointed_blocks(5, "op") == [0, 1, 2, 3, 4]
-    assert checkpointed_blocks(5, 1) == [0, 1, 2, 3, 4]
-    assert checkpointed_blocks(5, 2) == [0, 2, 4]
-    assert checkpointed_blocks(5, 9) == [0]
-    assert checkpointed_blocks(5, None, 2) == [0, 1, 2]
-    assert checkpointed_blocks(5, 2, 1) == [0, 2]
-    assert checkpointed_blocks(5, "op", 4) == [0]
+def test_the_plan_names_the_blocks_to_checkpoint():
+    assert CheckpointPlan().blocks(5) == [0, 1, 2, 3, 4]
+    assert CheckpointPlan(keep_gemms=True).blocks(5) == [0, 1, 2, 3, 4]
+    assert CheckpointPlan(every=2).blocks(5) == [0, 2, 4]
+    assert CheckpointPlan(every=9).blocks(5) == [0]
+    assert CheckpointPlan(skip_last=2).blocks(5) == [0, 1, 2]
+    assert CheckpointPlan(every=2, skip_last=1).blocks(5) == [0, 2]
+    assert CheckpointPlan(skip_last=4, keep_gemms=True).blocks(5) == [0]
     for skip in (5, 6):
         with pytest.raises(
             ValueError, match=f"ac_skip_last_blocks: {skip} leaves none of the model's 5 blocks"
         ):
-            checkpointed_blocks(5, None, skip)
+            CheckpointPlan(skip_last=skip).blocks(5)
+
+
+def test_the_config_settings_become_one_plan():
+    assert checkpoint_plan(False, None, None) is None
+    assert checkpoint_plan(True, None, None) == CheckpointPlan()
+    assert checkpoint_plan(True, "full", None, skip_last_blocks=4) == CheckpointPlan(skip_last=4)
+    assert checkpoint_plan(True, "selective", "op") == CheckpointPlan(keep_gemms=True)
+    assert checkpoint_plan(True, "selective", 3, False, 512) == CheckpointPlan(every=3)
+    assert checkpoint_plan(False, None, None, False, None, 0) is None
 
 
 def test_every_kth_block_and_skip_last_combine():
@@ -227,17 +235,7 @@ def test_the_last_blocks_can_be_left_unchecked_with_the_same_gradients(kind):
 )
 def test_bad_settings_are_refused_naming_the_key(settings, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(")):
-        check_ac_settings(*settings)
-
-
-def test_good_settings_pass():
-    check_ac_settings(True, None, None)
-    check_ac_settings(True, "full", None)
-    check_ac_settings(False, None, None)
-    check_ac_settings(True, "selective", "op")
-    check_ac_settings(True, "selective", 3, False, 512)
-    check_ac_settings(True, None, None, False, None, 4)
-    check_ac_settings(False, None, None, False, None, 0)
+        checkpoint_plan(*settings)
 
 
 def test_speed_options_reads_and_checks_the_keys():

@@ -14,13 +14,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ftcore.training.selective_checkpoint import (
-    OP_WITH_DORA,
-    check_ac_settings,
-    check_op_policy_fits,
-    checkpoint_options,
-    checkpointed_blocks,
-)
+from ftcore.training.selective_checkpoint import CheckpointPlan, checkpoint_plan
+
+FULL_CHECKPOINTING = CheckpointPlan()
 
 
 def draws_random_numbers(module: nn.Module) -> bool:
@@ -30,31 +26,24 @@ def draws_random_numbers(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
 
 
-def apply_activation_checkpointing(
-    model: nn.Module,
-    ac_mode: str | None = None,
-    ac_option: str | int | None = None,
-    skip_last_blocks: int | None = None,
-) -> None:
+def apply_activation_checkpointing(model: nn.Module, plan: CheckpointPlan = FULL_CHECKPOINTING) -> None:
     """Recompute each transformer block's activations in the backward pass instead of storing them.
 
-    `ac_mode: selective` keeps more (ftcore.training.selective_checkpoint): with `ac_option: op` the
-    GEMM and attention outputs, with an int K only every K-th block; `skip_last_blocks` leaves the
-    last blocks unchecked. The block's own
-    `forward` is wrapped in place (not the module), so parameter and state-dict names stay those of
-    the plain model and checkpoints need no renaming.
+    `plan` (from `checkpoint_plan`, ftcore.training.selective_checkpoint) may keep more: the GEMM and
+    attention outputs (the op policy), or whole blocks unchecked. The block's own `forward` is wrapped
+    in place (not the module), so parameter and state-dict names stay those of the plain model and
+    checkpoints need no renaming.
     """
-    option = ac_option if ac_mode == "selective" else None
-    check_op_policy_fits(model, option)
+    plan.check_model(model)
     blocks = cast(nn.ModuleList, model.layers)
-    for index in checkpointed_blocks(len(blocks), option, skip_last_blocks):
+    for index in plan.blocks(len(blocks)):
         block = blocks[index]
         block.forward = functools.partial(
             checkpoint,
             block.forward,
             use_reentrant=False,
             preserve_rng_state=draws_random_numbers(block),
-            **checkpoint_options(option),
+            **plan.checkpoint_kwargs(),
         )
 
 
@@ -93,21 +82,16 @@ def speed_options(cfg) -> dict:
         "ac_option": cfg.get("ac_option", None),
         "ac_skip_last_blocks": cfg.get("ac_skip_last_blocks", None),
     }
-    check_ac_settings(
+    model_node = cfg.get("model") or {}
+    checkpoint_plan(  # before the weights load; parallelize checks the built model too
         options["activation_checkpointing"],
         options["ac_mode"],
         options["ac_option"],
         options["activation_offloading"],
         options["mlp_chunk_tokens"],
         options["ac_skip_last_blocks"],
+        use_dora=bool(model_node.get("use_dora", False)),
     )
-    model_node = cfg.get("model") or {}
-    if (
-        options["ac_mode"] == "selective"
-        and options["ac_option"] == "op"
-        and model_node.get("use_dora", False)
-    ):
-        raise ValueError(OP_WITH_DORA)  # before the weights load; parallelize checks the built model too
     if options["activation_offloading"]:
         _check_offloading(options["activation_checkpointing"])
     if options["mlp_chunk_tokens"] is not None:
@@ -142,7 +126,7 @@ def parallelize(
     block with its saved input in host memory (ftcore.training.activation_offload), wrapped around the
     compiled block when compiling. `ac_mode` / `ac_option` / `ac_skip_last_blocks` choose what
     checkpointing keeps (ftcore.training.selective_checkpoint)."""
-    check_ac_settings(
+    plan = checkpoint_plan(
         activation_checkpointing,
         ac_mode,
         ac_option,
@@ -160,8 +144,8 @@ def parallelize(
         from ftcore.training.chunked_mlp import apply_mlp_chunking
 
         apply_mlp_chunking(model, mlp_chunk_tokens)
-    if activation_checkpointing and not activation_offloading:
-        apply_activation_checkpointing(model, ac_mode, ac_option, ac_skip_last_blocks)
+    if plan is not None and not activation_offloading:  # offloading checkpoints every block its own way
+        apply_activation_checkpointing(model, plan)
     if compile:
         apply_compile(model)
     if activation_offloading:  # after compile: the compiled graph is the block, the host copies stay eager

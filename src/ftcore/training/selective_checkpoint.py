@@ -12,7 +12,7 @@ selective modes (`ac_mode: selective`) trade memory back for that time:
   K, counted from block K-1, and applies with its `enable_activation_checkpointing` off; ftcore asks
   for it on, as what `ac_mode` refines.
 
-`ac_skip_last_blocks: N` (any mode) leaves the last N blocks unchecked; see `checkpointed_blocks`.
+`ac_skip_last_blocks: N` (any mode) leaves the last N blocks unchecked; see `CheckpointPlan.blocks`.
 
 The op policy is torch's selective checkpoint (`create_selective_checkpoint_contexts`) with one rule
 added for in-place ops: LoRA adds its adapter product into the base GEMM's output in place
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import enum
 import functools
-from typing import TypeGuard
+from dataclasses import dataclass
+from typing import TypeGuard, cast
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -215,16 +216,48 @@ def save_matmuls_context():
     return forward, recompute
 
 
-def check_ac_settings(
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """What activation checkpointing keeps, decided once from the config by `checkpoint_plan`."""
+
+    every: int = 1  # checkpoint blocks 0, every, 2 * every, ... (ac_option: K)
+    skip_last: int = 0  # the last blocks left unchecked (ac_skip_last_blocks)
+    keep_gemms: bool = False  # the op policy (ac_option: op)
+
+    def blocks(self, num_blocks: int) -> list[int]:
+        """The indices of the blocks to checkpoint. The last ones left out are the first the backward
+        reaches, so their kept activations are freed first."""
+        if self.skip_last >= num_blocks:
+            raise ValueError(
+                f"ac_skip_last_blocks: {self.skip_last} leaves none of the model's {num_blocks} blocks "
+                f"checkpointed; use at most {num_blocks - 1}, or set enable_activation_checkpointing: false"
+            )
+        return list(range(0, num_blocks - self.skip_last, self.every))
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """DoRA's forward forms each adapter's (out, in) weight product for its norm: a GEMM the op
+        policy would keep (26 GiB on an 8B model with all projections adapted), though autograd needs none."""
+        if self.keep_gemms and any(getattr(module, "use_dora", False) for module in model.modules()):
+            raise ValueError(OP_WITH_DORA)
+
+    def checkpoint_kwargs(self) -> dict:
+        """Extra keywords for torch.utils.checkpoint.checkpoint: the op policy's context."""
+        return {"context_fn": save_matmuls_context} if self.keep_gemms else {}
+
+
+def checkpoint_plan(
     activation_checkpointing: bool,
     ac_mode: str | None,
     ac_option: str | int | None,
     activation_offloading: bool = False,
     mlp_chunk_tokens: int | None = None,
     skip_last_blocks: int | None = None,
-) -> None:
-    """Refuse, naming the config keys, a selective checkpointing setting that cannot run."""
+    use_dora: bool = False,
+) -> CheckpointPlan | None:
+    """The config's checkpointing settings as a plan (None: no checkpointing), or a ValueError that
+    names the config keys when they cannot run together."""
     _check_skip_last_blocks(skip_last_blocks, activation_checkpointing, activation_offloading)
+    skip = skip_last_blocks or 0
     mode = ac_mode or "full"
     if mode not in AC_MODES:
         raise ValueError(f"ac_mode: {ac_mode!r} is not one of {', '.join(AC_MODES)}")
@@ -233,7 +266,7 @@ def check_ac_settings(
             raise ValueError(
                 f"ac_option: {ac_option!r} applies to ac_mode: selective only; set ac_mode: selective or remove ac_option"
             )
-        return
+        return CheckpointPlan(skip_last=skip) if activation_checkpointing else None
     if not activation_checkpointing:
         raise ValueError(
             "ac_mode: selective needs enable_activation_checkpointing: true (it chooses what that checkpointing "
@@ -242,19 +275,24 @@ def check_ac_settings(
     if ac_option != OP_OPTION and not (_is_int(ac_option) and ac_option >= 1):
         raise ValueError(
             f"ac_option: {'null' if ac_option is None else repr(ac_option)} is not valid with ac_mode: selective; "
-            "use 'op' (keep GEMM and attention "
-            "outputs, recompute the rest) or an int K >= 1 (checkpoint every K-th block)"
+            "use 'op' (keep GEMM and attention outputs, recompute the rest) or an int K >= 1 (checkpoint every "
+            "K-th block)"
         )
     if activation_offloading:
         raise ValueError(
             "ac_mode: selective cannot be combined with enable_activation_offloading (offloading checkpoints "
             "every block fully, with its input in host memory); turn one of them off"
         )
-    if mlp_chunk_tokens is not None and ac_option == OP_OPTION:
+    if ac_option != OP_OPTION:
+        return CheckpointPlan(every=cast(int, ac_option), skip_last=skip)
+    if mlp_chunk_tokens is not None:
         raise ValueError(
             "ac_option: op cannot be combined with mlp_chunk_tokens (the chunked MLP is checkpointed chunk by "
             "chunk inside the block); remove mlp_chunk_tokens or use ac_option: K"
         )
+    if use_dora:
+        raise ValueError(OP_WITH_DORA)
+    return CheckpointPlan(skip_last=skip, keep_gemms=True)
 
 
 def _check_skip_last_blocks(
@@ -273,36 +311,6 @@ def _check_skip_last_blocks(
             "ac_skip_last_blocks cannot be combined with enable_activation_offloading (offloading checkpoints "
             "every block); turn one of them off"
         )
-
-
-def checkpointed_blocks(
-    num_blocks: int, ac_option: str | int | None, skip_last_blocks: int | None = None
-) -> list[int]:
-    """The indices of the blocks to checkpoint: all, or every K-th from block 0 when `ac_option` is K;
-    then without the last `skip_last_blocks`, the first blocks the backward reaches (their kept
-    activations are freed first)."""
-    skip = skip_last_blocks or 0
-    if skip >= num_blocks:
-        raise ValueError(
-            f"ac_skip_last_blocks: {skip} leaves none of the model's {num_blocks} blocks checkpointed; use at most "
-            f"{num_blocks - 1}, or set enable_activation_checkpointing: false"
-        )
-    step = ac_option if _is_int(ac_option) else 1
-    return list(range(0, num_blocks - skip, step))
-
-
-def check_op_policy_fits(model: torch.nn.Module, ac_option: str | int | None) -> None:
-    """DoRA's forward forms each adapter's (out, in) weight product for its norm: a GEMM the `op`
-    policy would keep (26 GiB on an 8B model with all projections adapted), though autograd needs none."""
-    if ac_option == OP_OPTION and any(getattr(module, "use_dora", False) for module in model.modules()):
-        raise ValueError(OP_WITH_DORA)
-
-
-def checkpoint_options(ac_option: str | int | None) -> dict:
-    """Extra keywords for torch.utils.checkpoint.checkpoint: the op policy's context for `op`."""
-    if ac_option == OP_OPTION:
-        return {"context_fn": save_matmuls_context}
-    return {}
 
 
 def _is_int(value) -> TypeGuard[int]:
