@@ -293,16 +293,25 @@ def test_ftcore_run_with_offloading_and_chunked_mlp_matches_the_plain_run(tmp_pa
     assert switched == pytest.approx(plain, abs=1e-5)
 
 
-def test_two_processes_with_offloading_match_plain_checkpointing(tmp_path):
-    """Under torchrun (FSDP2, gloo on CPU) each rank offloads its own block inputs; dropout on."""
+def two_process_losses(tmp_path, variants: dict[str, list[str]]) -> dict[str, dict[int, float]]:
+    """The logged losses of `ftcore run --nproc_per_node 2` (FSDP2, gloo on CPU) of the small LoRA
+    run with dropout and checkpointing on, once per variant's extra overrides."""
     common = [*RUN_SMALL, "model.lora_dropout=0.1", "enable_activation_checkpointing=true", "batch_size=2"]
     losses = {}
-    for name, extra in (("checkpoint", []), ("offload", ["enable_activation_offloading=true"])):
+    for name, extra in variants.items():
         out = tmp_path / name
         run_command(
             "--nproc_per_node", "2", "--master_port", str(_free_port()), *common, f"output_dir={out}", *extra
         )
         losses[name] = _losses(out)
+    return losses
+
+
+def test_two_processes_with_offloading_match_plain_checkpointing(tmp_path):
+    """Under torchrun (FSDP2, gloo on CPU) each rank offloads its own block inputs; dropout on."""
+    losses = two_process_losses(
+        tmp_path, {"checkpoint": [], "offload": ["enable_activation_offloading=true"]}
+    )
     assert sorted(losses["checkpoint"]) == [1, 2, 3]
     assert losses["offload"] == pytest.approx(losses["checkpoint"], abs=1e-6)
 

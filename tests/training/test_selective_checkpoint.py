@@ -22,7 +22,13 @@ from ftcore.training import selective_checkpoint
 from ftcore.training.selective_checkpoint import CheckpointPlan, checkpoint_plan
 from tests.lora_setup import train_adapters_only
 from tests.training.sac_before_op import create_contexts_before_op
-from tests.training.test_activation_offload import RUN_SMALL, _free_port, _losses, block_inputs, run_command
+from tests.training.test_activation_offload import (
+    RUN_SMALL,
+    _losses,
+    block_inputs,
+    run_command,
+    two_process_losses,
+)
 
 SIZES = dict(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64)
 QLORA_SIZES = {**SIZES, "dim": 64, "hidden_dim": 128}
@@ -258,14 +264,8 @@ def test_ftcore_run_with_the_op_policy_matches_full_checkpointing(tmp_path):
 def test_two_processes_with_the_op_policy_match_full_checkpointing(tmp_path):
     """Under torchrun (FSDP2, gloo on CPU): the blocks' parameters are all-gathered around the kept
     GEMMs; LoRA dropout on (the unfused adapter path and the RNG replay)."""
-    common = [*RUN_SMALL, "model.lora_dropout=0.1", "enable_activation_checkpointing=true", "batch_size=2"]
-    losses = {}
-    for name, extra in (("full", []), ("op", ["ac_mode=selective", "ac_option=op", "ac_skip_last_blocks=1"])):
-        out = tmp_path / name
-        run_command(
-            "--nproc_per_node", "2", "--master_port", str(_free_port()), *common, f"output_dir={out}", *extra
-        )
-        losses[name] = _losses(out)
+    op = ["ac_mode=selective", "ac_option=op", "ac_skip_last_blocks=1"]
+    losses = two_process_losses(tmp_path, {"full": [], "op": op})
     assert sorted(losses["full"]) == [1, 2, 3]
     assert losses["op"] == pytest.approx(losses["full"], abs=1e-6)
 
