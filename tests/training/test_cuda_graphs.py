@@ -177,14 +177,14 @@ def test_a_replay_after_a_parameter_moved_or_was_frozen_is_refused():
     params = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))]
     step = CudaGraphedMicroStep(lambda batch: (torch.zeros(()), 0), params, torch.device("cpu"))
     step._captured_params = parameter_fingerprint(params)  # as the first capture records them
-    step._check_parameters_unchanged()  # nothing changed: passes
+    step._check_capture_still_valid()  # nothing changed: passes
     params[1].requires_grad_(False)
     with pytest.raises(RuntimeError, match="parameter 1 .* requires_grad changed"):
-        step._check_parameters_unchanged()
+        step._check_capture_still_valid()
     params[1].requires_grad_(True)
     params[0].data = torch.zeros(4)  # new memory, as .to() or load_state_dict(assign=True) give
     with pytest.raises(RuntimeError, match="parameter 0 was moved to new memory"):
-        step._check_parameters_unchanged()
+        step._check_capture_still_valid()
 
 
 def test_a_replay_after_a_module_changed_train_eval_mode_is_refused():
@@ -193,9 +193,9 @@ def test_a_replay_after_a_module_changed_train_eval_mode_is_refused():
     step = CudaGraphedMicroStep(lambda batch: (torch.zeros(()), 0), params, torch.device("cpu"), model=model)
     step._captured_params = parameter_fingerprint(params)  # as the first capture records them
     step._captured_modes = [module.training for module in model.modules()]
-    step._check_parameters_unchanged()  # nothing changed: passes
+    step._check_capture_still_valid()  # nothing changed: passes
     model[1].eval()
     with pytest.raises(RuntimeError, match="module `1` was switched to eval mode .* call model.train"):
-        step._check_parameters_unchanged()
+        step._check_capture_still_valid()
     model.train()
-    step._check_parameters_unchanged()
+    step._check_capture_still_valid()

@@ -261,7 +261,7 @@ class CudaGraphedMicroStep:
         log.info("cuda_graphs: captured the step for batch %s", _describe(batch_signature(batch)))
         return _Captured(graph, static_batch, denominator, loss_sum, assigned)
 
-    def _check_parameters_unchanged(self) -> None:
+    def _check_capture_still_valid(self) -> None:
         # A graph reads and writes fixed addresses: a parameter moved to new memory (`.to()`, a load
         # with assign=True) or (un)frozen after capture would be trained on stale memory, silently;
         # a module switched to eval would still be trained as captured (with dropout), silently.
@@ -286,7 +286,7 @@ class CudaGraphedMicroStep:
     def _replay(
         self, captured: _Captured, batch: Mapping[str, torch.Tensor], denominator: int
     ) -> torch.Tensor:
-        self._check_parameters_unchanged()
+        self._check_capture_still_valid()
         if captured.assigned_grads is None:
             bind_static_grads(self._params, cast(list, self._grads))  # set by the first capture
         for key, value in batch.items():
