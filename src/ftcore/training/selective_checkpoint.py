@@ -77,7 +77,7 @@ class SaveMatmulsPolicy:
         self._kept = _KeptStorages({})
         self._write_decisions: list[CheckpointPolicy] = []
         self._replayed = 0
-        self._read_by_recomputed: set[int | None] = set()  # kept outputs a recomputed op read
+        self._read_by_recomputed: set[int] = set()  # kept outputs a recomputed op read
 
     def watch(self, store) -> None:
         """The caching mode's storage of kept outputs, read when an op writes into a tensor."""
@@ -168,13 +168,13 @@ class _KeptStorages:
     def __init__(self, store) -> None:
         self._store = store
         self._read: dict[object, int] = {}  # per key, how many entries are read
-        self._pointers: set[int | None] = set()
+        self._pointers: set[int] = set()
         self._stale = True
 
     def changed(self) -> None:
         self._stale = True
 
-    def pointers(self) -> set[int | None]:
+    def pointers(self) -> set[int]:
         if not self._stale:
             return self._pointers
         self._stale = False
@@ -191,9 +191,9 @@ class _KeptStorages:
             for entry in fresh:
                 for leaf in tree_leaves(entry):
                     value = getattr(leaf, "val", leaf)
-                    if isinstance(value, torch.Tensor):
-                        self._pointers.add(_storage_pointer(value))
-        self._pointers.discard(None)
+                    pointer = _storage_pointer(value) if isinstance(value, torch.Tensor) else None
+                    if pointer is not None:  # fake tensors (compile tracing) have no address
+                        self._pointers.add(pointer)
         return self._pointers
 
 
