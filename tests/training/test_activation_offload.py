@@ -8,6 +8,7 @@ switches on against the same run without them.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -63,14 +64,16 @@ def block_inputs(dtype=torch.float32):
     return x, pos, mask
 
 
-def blocks_loss_and_grads(model, x, pos, mask):
-    """Run the blocks directly (extra tensor args positional, `cache_pos` as a keyword), backprop."""
+def blocks_loss_and_grads(model, x, pos, mask, backward_context=None):
+    """Run the blocks directly (extra tensor args positional, `cache_pos` as a keyword), backprop
+    (inside `backward_context` when given, e.g. a dispatch mode that counts the backward's ops)."""
     torch.manual_seed(123)  # the dropout masks
     h = x
     for layer in model.layers:
         h = layer(h, pos, mask, cache_pos=None)
     loss = h.square().mean()
-    loss.backward()
+    with backward_context or contextlib.nullcontext():
+        loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads, x.grad.clone()
 

@@ -26,6 +26,7 @@ from tests.training.test_activation_offload import (
     RUN_SMALL,
     _losses,
     block_inputs,
+    blocks_loss_and_grads,
     run_command,
     two_process_losses,
 )
@@ -67,22 +68,6 @@ class CountGemms(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def run_blocks(model, x, pos, mask, count: CountGemms | None = None):
-    """Forward through the blocks, then backward (its GEMMs counted when `count` is given)."""
-    torch.manual_seed(123)  # the dropout masks
-    h = x
-    for layer in model.layers:
-        h = layer(h, pos, mask, cache_pos=None)
-    loss = h.square().mean()
-    if count is None:
-        loss.backward()
-    else:
-        with count:
-            loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads, x.grad.clone()
-
-
 def inputs_for(model):
     """block_inputs(), with a leaf input as wide as this model (the QLoRA one is wider: NF4 blocks of 64)."""
     x, pos, mask = block_inputs()
@@ -110,9 +95,9 @@ def policy_order(request, monkeypatch):
 @pytest.mark.parametrize("kind", ["full", "lora", "qlora"])
 def test_op_policy_gives_the_plain_gradients(kind, policy_order):
     model = checkpointed(kind)
-    ref = run_blocks(model, *inputs_for(model))
+    ref = blocks_loss_and_grads(model, *inputs_for(model))
     model = checkpointed(kind, ac_mode="selective", ac_option="op")
-    loss, grads, input_grad = run_blocks(model, *inputs_for(model))
+    loss, grads, input_grad = blocks_loss_and_grads(model, *inputs_for(model))
     torch.testing.assert_close(loss, ref[0], **TIGHT)
     torch.testing.assert_close(input_grad, ref[2], **TIGHT)
     assert grads.keys() == ref[1].keys() and grads
@@ -122,8 +107,8 @@ def test_op_policy_gives_the_plain_gradients(kind, policy_order):
 
 def test_op_policy_with_lora_dropout_replays_the_masks(policy_order):
     """Dropout on: the unfused LoRA path (adapter added in place into the base output) and the RNG replay."""
-    ref = run_blocks(checkpointed("lora", dropout=0.2), *block_inputs())
-    loss, grads, input_grad = run_blocks(
+    ref = blocks_loss_and_grads(checkpointed("lora", dropout=0.2), *block_inputs())
+    loss, grads, input_grad = blocks_loss_and_grads(
         checkpointed("lora", dropout=0.2, ac_mode="selective", ac_option="op"), *block_inputs()
     )
     torch.testing.assert_close(input_grad, ref[2], **TIGHT)
@@ -141,7 +126,7 @@ def test_op_policy_reruns_no_forward_gemm_in_the_backward(kind, policy_order):
     ):
         count = CountGemms()
         model = checkpointed(kind, **options)
-        run_blocks(model, *inputs_for(model), count=count)
+        blocks_loss_and_grads(model, *inputs_for(model), backward_context=count)
         counts[name] = count.count
     forward = CountGemms()
     with forward, torch.no_grad():
@@ -161,8 +146,8 @@ def test_every_kth_block_is_checkpointed_and_the_gradients_match():
     model = checkpointed("lora", ac_mode="selective", ac_option=2)
     wrapped = [isinstance(block.forward, functools.partial) for block in model.layers]
     assert wrapped == [True, False, True]
-    ref = run_blocks(checkpointed("lora"), *block_inputs())
-    _, grads, input_grad = run_blocks(model, *block_inputs())
+    ref = blocks_loss_and_grads(checkpointed("lora"), *block_inputs())
+    _, grads, input_grad = blocks_loss_and_grads(model, *block_inputs())
     torch.testing.assert_close(input_grad, ref[2], **TIGHT)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref[1][name], **TIGHT, msg=name)
@@ -211,8 +196,8 @@ def test_the_op_policy_refuses_dora():
 def test_the_last_blocks_can_be_left_unchecked_with_the_same_gradients(kind):
     model = checkpointed(kind, ac_skip_last_blocks=1)
     assert [isinstance(block.forward, functools.partial) for block in model.layers] == [True, True, False]
-    ref = run_blocks(checkpointed(kind), *block_inputs())
-    _, grads, input_grad = run_blocks(model, *block_inputs())
+    ref = blocks_loss_and_grads(checkpointed(kind), *block_inputs())
+    _, grads, input_grad = blocks_loss_and_grads(model, *block_inputs())
     torch.testing.assert_close(input_grad, ref[2], **TIGHT)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref[1][name], **TIGHT, msg=name)
