@@ -21,6 +21,7 @@ from ftcore.models import init_weights
 from ftcore.models.builders import lora_transformer_decoder, transformer_decoder
 from ftcore.paths import RECIPES_DIR
 from ftcore.runner.loss import LanguageModelLoss
+from ftcore.runner.setup import default_dtype
 from ftcore.training import accumulate_gradients
 from ftcore.training.accumulation import eager_micro_step
 from ftcore.training.cuda_graphs import CudaGraphedMicroStep
@@ -35,16 +36,26 @@ SIZES = dict(vocab_size=512, dim=256, n_layers=3, n_heads=8, n_kv_heads=2, hidde
 CUDA = torch.device("cuda")
 
 
-def build(dropout: float = 0.0, checkpointing: bool = True, fused: bool = True) -> torch.nn.Module:
+def build(
+    dropout: float = 0.0,
+    checkpointing: bool = True,
+    fused: bool = True,
+    *,
+    sizes: dict = SIZES,
+    dtype: torch.dtype = torch.float32,
+    quantize: bool = False,
+    **options,
+) -> torch.nn.Module:
+    """The tiny LoRA model on CUDA (QLoRA with `quantize`), parallelized with `options` as well."""
     torch.manual_seed(0)
-    with CUDA:
+    with default_dtype(dtype), CUDA:
         model = lora_transformer_decoder(
             ["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True, lora_rank=8,
-            lora_dropout=dropout, **SIZES,
+            lora_dropout=dropout, quantize_base=quantize, **sizes,
         )  # fmt: skip
     init_weights(model)
     train_adapters_only(model, b_std=0.02)
-    return parallelize(model, activation_checkpointing=checkpointing, fused_kernels=fused)
+    return parallelize(model, activation_checkpointing=checkpointing, fused_kernels=fused, **options)
 
 
 def batches(count: int, seq: int = 96):

@@ -10,15 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftcore.distributed.parallelize import parallelize
-from ftcore.models import init_weights
-from ftcore.models.builders import lora_transformer_decoder
 from ftcore.runner.loss import LanguageModelLoss
-from ftcore.runner.setup import default_dtype
 from ftcore.training.accumulation import eager_micro_step
 from ftcore.training.cuda_graphs import CudaGraphedMicroStep
 from tests.gpu.test_cuda_graphs_cuda import batches, train
-from tests.lora_setup import train_adapters_only
+from tests.gpu.test_cuda_graphs_cuda import build as build_lora_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,15 +27,9 @@ SELECTIVE_OP = {"ac_mode": "selective", "ac_option": "op"}
 
 
 def build(quantize: bool = False, checkpointing: bool = True, **options) -> torch.nn.Module:
-    torch.manual_seed(0)
-    with default_dtype(torch.bfloat16), CUDA:
-        model = lora_transformer_decoder(
-            ["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True, lora_rank=8,
-            quantize_base=quantize, **SIZES,
-        )  # fmt: skip
-    init_weights(model)
-    train_adapters_only(model, b_std=0.02)
-    return parallelize(model, activation_checkpointing=checkpointing, fused_kernels=True, **options)
+    return build_lora_model(
+        checkpointing=checkpointing, sizes=SIZES, dtype=torch.bfloat16, quantize=quantize, **options
+    )
 
 
 def loss_and_grads(model, batch):
