@@ -2,8 +2,8 @@
 
 References: the same blocks without checkpointing (autograd's plain graph) and under full
 checkpointing, fp32, seeded alike. That the `op` policy really keeps the GEMM outputs is checked by
-counting the GEMMs the backward runs: the plain backward's plus the forward's (but each block's last)
-under full checkpointing, exactly the plain backward's under `op`.
+counting the GEMMs the backward runs: the plain backward's plus the forward's (less each block's
+closing projection's) under full checkpointing, exactly the plain backward's under `op`.
 """
 
 from __future__ import annotations
@@ -136,9 +136,11 @@ def test_op_policy_reruns_no_forward_gemm_in_the_backward(kind, policy_order):
         for layer in model.layers:
             h = layer(h, pos, mask, cache_pos=None)
     assert forward.count > 0
-    # full checkpointing reruns the forward's GEMMs (torch stops the rerun early, before each block's
-    # last one, whose output the backward does not need); the op policy reruns none
-    assert counts["full"] - counts["plain"] >= forward.count - len(model.layers)
+    # full checkpointing reruns the forward's GEMMs but each block's closing projection's, whose output
+    # the rerun discards: torch stops the rerun before a plain linear's GEMM, and LoRA's one-node matmul
+    # leaves out its base and adapter-B GEMMs (ftcore.modules.recompute); the op policy reruns none
+    skipped_per_block = 1 if kind == "full" else 2
+    assert counts["full"] - counts["plain"] == forward.count - skipped_per_block * len(model.layers)
     assert counts["op"] == counts["plain"]
 
 

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ftcore.models.transformer import TransformerBlock
+from ftcore.modules.lora import LoRALinear
 from ftcore.training.selective_checkpoint import CheckpointPlan, checkpoint_plan
 
 FULL_CHECKPOINTING = CheckpointPlan()
@@ -26,15 +28,28 @@ def draws_random_numbers(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
 
 
-def apply_activation_checkpointing(model: nn.Module, plan: CheckpointPlan = FULL_CHECKPOINTING) -> None:
+def skip_closing_outputs_in_recompute(model: nn.Module) -> None:
+    """Let each block's closing LoRA projection leave its GEMMs out of a checkpoint's recompute, which
+    discards its output (ftcore.modules.recompute); a plain linear's GEMM torch already skips there."""
+    for block in cast(nn.ModuleList, model.layers):
+        projection = block.closing_projection() if isinstance(block, TransformerBlock) else None
+        if isinstance(projection, LoRALinear):
+            projection.skip_output_in_recompute = True
+
+
+def apply_activation_checkpointing(
+    model: nn.Module, plan: CheckpointPlan = FULL_CHECKPOINTING, eager: bool = True
+) -> None:
     """Recompute each transformer block's activations in the backward pass instead of storing them.
 
     `plan` (from `checkpoint_plan`, ftcore.training.selective_checkpoint) may keep more: the GEMM and
     attention outputs (the op policy), or whole blocks unchecked. The block's own `forward` is wrapped
     in place (not the module), so parameter and state-dict names stay those of the plain model and
-    checkpoints need no renaming.
+    checkpoints need no renaming. `eager=False` (the blocks are compiled next) leaves out the context
+    that marks a recompute, which torch.compile cannot trace.
     """
     plan.check_model(model)
+    skip_closing_outputs_in_recompute(model)
     blocks = cast(nn.ModuleList, model.layers)
     for index in plan.blocks(len(blocks)):
         block = blocks[index]
@@ -43,7 +58,7 @@ def apply_activation_checkpointing(model: nn.Module, plan: CheckpointPlan = FULL
             block.forward,
             use_reentrant=False,
             preserve_rng_state=draws_random_numbers(block),
-            **plan.checkpoint_kwargs(),
+            **plan.checkpoint_kwargs(eager),
         )
 
 
@@ -143,9 +158,9 @@ def parallelize(
     if mlp_chunk_tokens is not None:  # inside each block: nested in its checkpoint, traced by compile
         from ftcore.training.chunked_mlp import apply_mlp_chunking
 
-        apply_mlp_chunking(model, mlp_chunk_tokens)
+        apply_mlp_chunking(model, mlp_chunk_tokens, eager=not compile)
     if plan is not None and not activation_offloading:  # offloading checkpoints every block its own way
-        apply_activation_checkpointing(model, plan)
+        apply_activation_checkpointing(model, plan, eager=not compile)
     if compile:
         apply_compile(model)
     if activation_offloading:  # after compile: the compiled graph is the block, the host copies stay eager

@@ -266,6 +266,11 @@ class TransformerBlock(nn.Module):
         h = x + self.attn(self.attn_norm(x), input_pos, mask, cache_pos)
         return h + self.mlp(self.mlp_norm(h))
 
+    def closing_projection(self) -> nn.Module | None:
+        """The layer whose output feeds nothing but the residual add that makes the block's output: the
+        MLP's down projection (also under ftcore's fused and chunked MLP forwards, which keep w2 last)."""
+        return self.mlp.w2 if type(self.mlp) is FeedForward else None
+
 
 if TYPE_CHECKING:
     from ftcore.kernels.nf4_reference import NF4Parts

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftcore.modules.lora_matmul import lora_matmul
+from ftcore.modules.recompute import is_recomputing
 
 # State-dict names (relative to a LoRALinear) of the trainable adapter tensors.
 ADAPTER_PARAM_NAMES = ("lora_a.weight", "lora_b.weight", "magnitude")
@@ -69,6 +70,9 @@ class LoRALinear(nn.Module):
         self.use_dora = use_dora
         self.merged = False
         self.disabled = False
+        # Set on a block's closing projection by activation checkpointing: a recompute discards this
+        # layer's output, so it may leave out the GEMMs (ftcore.modules.recompute).
+        self.skip_output_in_recompute = False
         # Row norms of W0 + s B A captured at merge time, needed to undo a DoRA merge.
         self._dora_merge_norm: torch.Tensor | None = None
 
@@ -136,7 +140,10 @@ class LoRALinear(nn.Module):
             rows = x.reshape(-1, x.shape[-1])  # (tokens, in)
             if self._fuses_backward(rows):
                 base = self.nf4_base.weight_nf4 if self.quantize_base else self.weight
-                out = lora_matmul(rows, base, self.lora_a.weight, self.lora_b.weight, self.scaling)
+                output_read = not (self.skip_output_in_recompute and is_recomputing())
+                out = lora_matmul(
+                    rows, base, self.lora_a.weight, self.lora_b.weight, self.scaling, output_read
+                )
             else:
                 # On rows the base output is a fresh 2-D tensor, which the adapter's product can then be
                 # added into in place (see _add_scaled_product).

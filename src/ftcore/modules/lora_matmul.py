@@ -26,13 +26,19 @@ if TYPE_CHECKING:  # at run time only a QLoRA base needs the NF4 code (imported 
 
 class _LoRAMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, scale, weight, packed, absmax, nested_absmax, offset, nf4_meta):
-        if weight is None:
-            out = _NF4Base(packed, absmax, nested_absmax, offset, nf4_meta).linear(x)
-        else:
-            out = torch.mm(x, weight.t())
+    def forward(
+        ctx, x, lora_a, lora_b, scale, weight, packed, absmax, nested_absmax, offset, nf4_meta, output_read
+    ):
         hidden = torch.mm(x, lora_a.t())  # (tokens, rank)
-        out.addmm_(hidden, lora_b.t(), alpha=scale)
+        if not output_read:  # a recompute that discards it (ftcore.modules.recompute): saves only
+            out_dim = nf4_meta[0][0] if weight is None else weight.shape[0]
+            out = x.new_empty(x.shape[0], out_dim)
+        else:
+            if weight is None:
+                out = _NF4Base(packed, absmax, nested_absmax, offset, nf4_meta).linear(x)
+            else:
+                out = torch.mm(x, weight.t())
+            out.addmm_(hidden, lora_b.t(), alpha=scale)
         ctx.save_for_backward(x, lora_a, lora_b, hidden, weight, packed, absmax, nested_absmax, offset)
         ctx.scale, ctx.nf4_meta = scale, nf4_meta
         return out
@@ -51,7 +57,7 @@ class _LoRAMatmul(torch.autograd.Function):
             if weight is None:
                 weight = _NF4Base(packed, absmax, nested_absmax, offset, ctx.nf4_meta).dequantize(grad.dtype)
             grad_x = torch.mm(grad_hidden, lora_a).addmm_(grad, weight)  # (tokens, in), one pass
-        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None
 
 
 class _NF4Base:
@@ -84,13 +90,15 @@ def lora_matmul(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scale: float,
+    output_read: bool = True,
 ) -> torch.Tensor:
     """x (tokens, in) @ base^T + scale * (x @ lora_a^T) @ lora_b^T -> (tokens, out); base is frozen.
 
-    `base` is a float (out, in) weight or NF4 parts of one. Gradients flow to x, lora_a and lora_b."""
+    `base` is a float (out, in) weight or NF4 parts of one. Gradients flow to x, lora_a and lora_b.
+    `output_read=False` (a checkpoint recompute that discards the result) saves what the backward
+    needs and returns an uninitialized output, without the base and adapter GEMMs."""
     if isinstance(base, torch.Tensor):
-        return _LoRAMatmul.apply(x, lora_a, lora_b, scale, base, None, None, None, None, None)
+        return _LoRAMatmul.apply(x, lora_a, lora_b, scale, base, None, None, None, None, None, output_read)
     meta = (base.shape, base.block_size)
-    return _LoRAMatmul.apply(
-        x, lora_a, lora_b, scale, None, base.packed, base.absmax, base.nested_absmax, base.offset, meta
-    )
+    parts = (base.packed, base.absmax, base.nested_absmax, base.offset)
+    return _LoRAMatmul.apply(x, lora_a, lora_b, scale, None, *parts, meta, output_read)

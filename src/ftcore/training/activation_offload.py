@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ftcore.modules.recompute import marked_recompute_contexts
+
 
 class OffloadChain:
     """The blocks of one model in forward order: the newest host input, for the next block to link to,
@@ -156,7 +158,14 @@ def offloaded_checkpoint(block_forward, chain: OffloadChain, index: int, x: torc
     device_anchor = x.new_empty(0)
     try:
         return checkpoint(
-            _run_block, block_forward, saved, device_anchor, *args, use_reentrant=False, **kwargs
+            _run_block,
+            block_forward,
+            saved,
+            device_anchor,
+            *args,
+            use_reentrant=False,
+            context_fn=marked_recompute_contexts,  # this checkpoint is eager, also around a compiled block
+            **kwargs,
         )
     finally:
         saved.live = None  # the forward is done with it; the caller's reference is the last GPU one
@@ -167,6 +176,9 @@ def apply_activation_offloading(model: nn.Module) -> None:
 
     The block's own `forward` is wrapped in place (as `apply_activation_checkpointing` does), so
     parameter and state-dict names are unchanged."""
+    from ftcore.distributed.parallelize import skip_closing_outputs_in_recompute
+
+    skip_closing_outputs_in_recompute(model)
     chain = OffloadChain()
     for index, block in enumerate(cast(nn.ModuleList, model.layers)):
         # monkey-patching the instance's forward

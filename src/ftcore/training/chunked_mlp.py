@@ -7,7 +7,8 @@ The MLP acts on each token independently, so it can run on chunks of tokens; wit
 non-reentrant checkpoint only the chunk's input is kept, and in the backward the chunks are recomputed
 one at a time, so only one chunk's hidden_dim-wide intermediates are alive at once. Nested inside the
 block's checkpoint (or offloaded checkpoint) this holds during the block's recompute too. The cost is
-one more MLP forward per step. Without grad (evaluation, prefill) the chunks run without checkpoints.
+one more MLP forward per step (less its down projection's GEMMs, whose output the recompute discards:
+ftcore.modules.recompute). Without grad (evaluation, prefill) the chunks run without checkpoints.
 """
 
 from __future__ import annotations
@@ -16,20 +17,30 @@ import functools
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
+
+from ftcore.modules.recompute import marked_recompute_contexts
 
 
 def chunked_mlp_forward(
-    mlp_forward, chunk_tokens: int, x: torch.Tensor, preserve_rng_state: bool = True
+    mlp_forward, chunk_tokens: int, x: torch.Tensor, preserve_rng_state: bool = True, eager: bool = False
 ) -> torch.Tensor:
-    """`mlp_forward(x)` for x (..., dim), computed `chunk_tokens` flattened tokens at a time."""
+    """`mlp_forward(x)` for x (..., dim), computed `chunk_tokens` flattened tokens at a time. `eager`:
+    the chunks' checkpoints mark their recomputes (a context torch.compile cannot trace)."""
     flat = x.reshape(-1, x.shape[-1])  # (N, dim), N = B*T
     if flat.shape[0] <= chunk_tokens:
         return mlp_forward(x)
     pieces = flat.split(chunk_tokens)  # views of (<= chunk_tokens, dim)
     if torch.is_grad_enabled():
+        context_fn = marked_recompute_contexts if eager else noop_context_fn
         outputs = [
-            checkpoint(mlp_forward, piece, use_reentrant=False, preserve_rng_state=preserve_rng_state)
+            checkpoint(
+                mlp_forward,
+                piece,
+                use_reentrant=False,
+                preserve_rng_state=preserve_rng_state,
+                context_fn=context_fn,
+            )
             for piece in pieces
         ]
     else:
@@ -45,20 +56,25 @@ def check_chunk_tokens(chunk_tokens) -> None:
         )
 
 
-def apply_mlp_chunking(model: nn.Module, chunk_tokens: int) -> None:
+def apply_mlp_chunking(model: nn.Module, chunk_tokens: int, eager: bool = True) -> None:
     """Make every FeedForward of `model` process its input `chunk_tokens` tokens at a time.
 
-    Each module's own `forward` is replaced in place, so names and state dicts are unchanged."""
+    Each module's own `forward` is replaced in place, so names and state dicts are unchanged. `eager`:
+    the chunks' recomputes leave out the down projection's GEMMs (False when compiling)."""
     from ftcore.distributed.parallelize import draws_random_numbers
     from ftcore.models.transformer import FeedForward
+    from ftcore.modules.lora import LoRALinear
 
     check_chunk_tokens(chunk_tokens)
     for module in model.modules():
         if isinstance(module, FeedForward):
+            if eager and type(module) is FeedForward and isinstance(module.w2, LoRALinear):
+                module.w2.skip_output_in_recompute = True  # a chunk's output is w2's: discarded there
             # monkey-patching the instance's forward
             module.forward = functools.partial(  # type: ignore[method-assign]
                 chunked_mlp_forward,
                 module.forward,
                 chunk_tokens,
                 preserve_rng_state=draws_random_numbers(module),
+                eager=eager,
             )

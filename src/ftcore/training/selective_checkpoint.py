@@ -31,6 +31,8 @@ import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from ftcore.modules.recompute import marked_recompute_contexts
+
 AC_MODES = ("full", "selective")
 OP_OPTION = "op"
 OP_WITH_DORA = (
@@ -240,9 +242,12 @@ class CheckpointPlan:
         if self.keep_gemms and any(getattr(module, "use_dora", False) for module in model.modules()):
             raise ValueError(OP_WITH_DORA)
 
-    def checkpoint_kwargs(self) -> dict:
-        """Extra keywords for torch.utils.checkpoint.checkpoint: the op policy's context."""
-        return {"context_fn": save_matmuls_context} if self.keep_gemms else {}
+    def checkpoint_kwargs(self, eager: bool = True) -> dict:
+        """Extra keywords for torch.utils.checkpoint.checkpoint: the op policy's context or, in eager,
+        the one that tells a layer it is being recomputed (ftcore.modules.recompute)."""
+        if self.keep_gemms:
+            return {"context_fn": save_matmuls_context}
+        return {"context_fn": marked_recompute_contexts} if eager else {}
 
 
 def checkpoint_plan(
