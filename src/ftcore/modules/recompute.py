@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
 
 _state = threading.local()
 
 
-@contextlib.contextmanager
-def recomputing() -> Iterator[None]:
-    _state.depth = getattr(_state, "depth", 0) + 1
-    try:
-        yield
-    finally:
+class Recomputing(contextlib.AbstractContextManager):
+    """Marks the running thread as recomputing while entered; re-enterable, as a checkpoint enters the
+    same object again for each recompute (one per backward over a retained graph)."""
+
+    def __enter__(self) -> None:
+        _state.depth = getattr(_state, "depth", 0) + 1
+
+    def __exit__(self, *exc_info) -> None:
         _state.depth -= 1
 
 
@@ -35,11 +36,10 @@ def is_recomputing() -> bool:
     return getattr(_state, "depth", 0) > 0
 
 
-def marked_recompute_contexts() -> tuple[
-    contextlib.AbstractContextManager, contextlib.AbstractContextManager
-]:
-    """A checkpoint `context_fn`: nothing around the forward, `recomputing()` around the recompute.
+def marked_recompute_contexts() -> tuple[contextlib.AbstractContextManager, Recomputing]:
+    """A checkpoint `context_fn`: nothing around the forward, `Recomputing()` around the recompute.
 
     Eager only: torch.compile traces only selective-checkpoint contexts (under compile the LoRA layer
-    takes its plain-ops path, and Inductor's partitioner decides what is recomputed)."""
-    return contextlib.nullcontext(), recomputing()
+    takes its plain-ops path, and Inductor's partitioner decides what is recomputed); do not pass any
+    `context_fn` there, not even torch's no-op one, which Dynamo refuses as well."""
+    return contextlib.nullcontext(), Recomputing()

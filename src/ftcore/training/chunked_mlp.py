@@ -14,10 +14,11 @@ ftcore.modules.recompute). Without grad (evaluation, prefill) the chunks run wit
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint, noop_context_fn
+from torch.utils.checkpoint import checkpoint
 
 from ftcore.modules.recompute import marked_recompute_contexts
 
@@ -32,14 +33,10 @@ def chunked_mlp_forward(
         return mlp_forward(x)
     pieces = flat.split(chunk_tokens)  # views of (<= chunk_tokens, dim)
     if torch.is_grad_enabled():
-        context_fn = marked_recompute_contexts if eager else noop_context_fn
+        marking: dict[str, Any] = {"context_fn": marked_recompute_contexts} if eager else {}
         outputs = [
             checkpoint(
-                mlp_forward,
-                piece,
-                use_reentrant=False,
-                preserve_rng_state=preserve_rng_state,
-                context_fn=context_fn,
+                mlp_forward, piece, use_reentrant=False, preserve_rng_state=preserve_rng_state, **marking
             )
             for piece in pieces
         ]
