@@ -35,6 +35,8 @@
 #                   unchecked beside torchtune compiled, and 8B QLoRA `op` beside torchtune compiled QLoRA.
 #   recheck         all GPU tests, then graphed eager 8B LoRA and QLoRA beside torchtune compiled (the
 #                   first GPU run of the previous session's last cuda_graphs and NF4 fixes).
+#   inback          all GPU tests, then compiled 3B full with optimizer_in_backward (no gradients kept)
+#                   and the last 20 / 23 blocks unchecked beside torchtune compiled.
 # Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
 # suite's deadline (SUITE_BUDGET_S, default 510 s); a failing step never stops the next one.
 # Writes into $OUT (default ./gpu_out): suite.log (everything printed), results.jsonl (one JSON
@@ -44,7 +46,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
-[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify|lora_node|recheck|selective|context|skiplast)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace, verify, lora_node, recheck, selective, context or skiplast" >&2; exit 2; }
+[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify|lora_node|recheck|selective|context|skiplast|inback)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace, verify, lora_node, recheck, selective, context, skiplast or inback" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -259,6 +261,13 @@ plan_skiplast() {
   vs_peer ftcore:qlora:eager:20:50:$graphs,--ac-option,op peer:qlora:compile:40:90
 }
 
+plan_inback() {
+  step "pytest -m gpu" 60 250 "${PY[@]}" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=5 tests/gpu
+  local inback=--optimizer-in-backward,--ac-skip-last
+  vs_peer --model llama3_2_3b ftcore:full:compile:30:90:$inback,20 ftcore:full:compile:30:90:$inback,23 \
+    peer:full:compile:40:100
+}
+
 plan_big() {
   vs_peer --model llama3_1_70b --bs 1 ftcore:qlora:eager:120:280 peer:qlora:compile:200:330
 }
@@ -283,6 +292,7 @@ case $PLAN in
   selective) plan_selective ;;
   context) plan_context ;;
   skiplast) plan_skiplast ;;
+  inback) plan_inback ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"
