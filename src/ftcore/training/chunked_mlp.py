@@ -58,15 +58,14 @@ def apply_mlp_chunking(model: nn.Module, chunk_tokens: int, eager: bool = True) 
 
     Each module's own `forward` is replaced in place, so names and state dicts are unchanged. `eager`:
     the chunks' recomputes leave out the down projection's GEMMs (False when compiling)."""
-    from ftcore.distributed.parallelize import draws_random_numbers
+    from ftcore.distributed.parallelize import draws_random_numbers, skip_closing_outputs_in_recompute
     from ftcore.models.transformer import FeedForward
-    from ftcore.modules.lora import LoRALinear
 
     check_chunk_tokens(chunk_tokens)
+    if eager:  # a chunk's output is its down projection's, which the chunk's recompute discards
+        skip_closing_outputs_in_recompute(model)
     for module in model.modules():
         if isinstance(module, FeedForward):
-            if eager and type(module) is FeedForward and isinstance(module.w2, LoRALinear):
-                module.w2.skip_output_in_recompute = True  # a chunk's output is w2's: discarded there
             # monkey-patching the instance's forward
             module.forward = functools.partial(  # type: ignore[method-assign]
                 chunked_mlp_forward,
