@@ -23,6 +23,9 @@ whose queue runs ahead); `*_loop_ms` is the mean of back-to-back calls, host ove
 `*_host_ms` is the host time to issue one call. The sleep is sized to twice the call's host time: a fixed
 0.1 ms sleep hid the bf16 linear's launches but not the NF4 linear's (~0.8 ms on the H100 host), so
 the first H100 table charged NF4 with host time (1.51x at 8B q/o, 3.48x at k/v; `*_loop_ms` 0.82 / 0.97).
+`dequant_kernel_us` is the dequantize kernel's own duration (CUPTI, L2 flushed), and
+`dequant_kernel_frac_copy` its bytes per second over the 2 GiB copy kernel's: an event pair around a
+~15 us call adds ~3 us (8B q/o: 0.57 of the copy by events, 0.69 by kernel time on the H200).
 `*_kernels` / `*_memcpy` / `*_syncs` come from torch.profiler for one call: kernels on the GPU, host<->device
 copies, and host-blocking synchronizations (each one drains the GPU queue).
 """
@@ -30,6 +33,7 @@ copies, and host-blocking synchronizations (each one drains the GPU queue).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -132,6 +136,39 @@ def device_ms(fn, warmup: int = 5, iters: int = 20) -> float:
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
+def kernel_us(fn, calls: int = 30) -> float:
+    """Median kernel duration (us, CUPTI via torch.profiler) of a one-kernel call, L2 flushed before each.
+
+    An event pair around a call of ~10 us adds a few us of its own; the kernel's duration is what a
+    fraction of the card's bandwidth is read off (nsys' and ncu's figure)."""
+    global _L2_FLUSH
+    if _L2_FLUSH is None:
+        _L2_FLUSH = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            _L2_FLUSH.zero_()
+            fn()
+        torch.cuda.synchronize()
+    gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    durations = sorted(e.device_time for e in gpu if "fill" not in e.name.lower())  # the flush is a fill
+    if len(durations) != calls:
+        raise RuntimeError(
+            f"kernel_us times one-kernel calls; got {len(durations)} kernels for {calls} calls"
+        )
+    return durations[calls // 2]
+
+
+@functools.lru_cache(maxsize=1)
+def copy_kernel_gbs() -> float:
+    """The 2 GiB device copy's bandwidth by its kernel duration (bytes read + written)."""
+    src = torch.empty(2**30, dtype=torch.uint16, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * src.element_size() / kernel_us(lambda: dst.copy_(src), calls=5) / 1e3
+
+
 def loop_ms(fn, iters: int = 20) -> float:
     """Mean time of back-to-back calls: what a host-bound step sees (host overhead and syncs included)."""
     fn()
@@ -164,8 +201,15 @@ def launch_counts(fn) -> dict[str, int]:
     return {
         "kernels": sum(not e.name.startswith(("Memcpy", "Memset")) for e in gpu),
         "memcpy": sum(e.name.startswith("Memcpy") for e in gpu),
-        "syncs": sum("synchroniz" in str(w.message).lower() for w in caught),
+        "syncs": sum(_is_sync_warning(str(w.message)) for w in caught),
     }
+
+
+def _is_sync_warning(message: str) -> bool:
+    # The first set_sync_debug_mode call also warns that the mode is a prototype ("Synchronization debug
+    # mode is a prototype feature"): that note is not a synchronization (it counted one in the first row).
+    message = message.lower()
+    return "synchroniz" in message and "prototype" not in message
 
 
 def hbm_bandwidth_gbs() -> float:
@@ -216,6 +260,8 @@ def dequant_row(parts, buffer: torch.Tensor, bandwidth: float, sweep: bool) -> d
     row = {"dequant_ms": device_ms(lambda: nf4_triton.dequantize_nf4(parts, out=buffer), iters=50)}
     row["dequant_GBps"] = moved / row["dequant_ms"] / 1e6
     row["dequant_frac_hbm"] = row["dequant_GBps"] / bandwidth
+    row["dequant_kernel_us"] = kernel_us(lambda: nf4_triton.dequantize_nf4(parts, out=buffer))
+    row["dequant_kernel_frac_copy"] = moved / row["dequant_kernel_us"] / 1e3 / copy_kernel_gbs()
     row.update(
         {"dequant_" + k: v for k, v in launch_counts(lambda: nf4_triton.dequantize_nf4(parts)).items()}
     )
@@ -481,7 +527,8 @@ def bench_shape(shape: tuple[int, int], tokens: int, bandwidth: float, args) -> 
     return row
 
 
-COLUMNS = ["model", "layer", "dequant_ms", "dequant_GBps", "dequant_frac_hbm", "dequant_kernels", "dequant_syncs",
+COLUMNS = ["model", "layer", "dequant_ms", "dequant_GBps", "dequant_frac_hbm", "dequant_kernel_us",
+           "dequant_kernel_frac_copy", "dequant_kernels", "dequant_syncs",
            "dequant_best_cfg", "dequant_best_frac_hbm", "bf16_frozen_ms", "nf4_ms", "nf4_vs_bf16_frozen",
            "bf16_frozen_loop_ms", "nf4_loop_ms", "bf16_frozen_host_ms", "nf4_host_ms", "nf4_step_kernels", "nf4_step_syncs", "torchao_eager_ms",
            "torchao_compiled_ms"]  # fmt: skip

@@ -34,7 +34,7 @@ def _recipe(name: str):
 
 
 @pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (14336, 4096)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_triton_nf4_is_bit_identical_to_the_reference_on_cuda(shape, dtype):
     weight = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02).to("cuda", dtype)
     ours, reference = kernels.quantize_nf4(weight), nf4_reference.quantize_nf4(weight)

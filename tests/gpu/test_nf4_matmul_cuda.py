@@ -74,7 +74,7 @@ def test_nf4_linear_fused_and_dequant_paths_agree_on_cuda(monkeypatch, m):
         torch.testing.assert_close(fused, dequant, rtol=2**-7, atol=1e-3)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (14336, 4096)])
 @pytest.mark.parametrize(
     "variant,elements,warps",
