@@ -25,7 +25,7 @@ whose queue runs ahead); `*_loop_ms` is the mean of back-to-back calls, host ove
 the first H100 table charged NF4 with host time (1.51x at 8B q/o, 3.48x at k/v; `*_loop_ms` 0.82 / 0.97).
 `dequant_kernel_us` is the dequantize kernel's own duration (CUPTI, L2 flushed), and
 `dequant_kernel_frac_copy` its bytes per second over the 2 GiB copy kernel's: an event pair around a
-~15 us call adds ~3 us (8B q/o: 0.57 of the copy by events, 0.69 by kernel time on the H200).
+~15 us call adds ~3 us (8B q/o: 0.57 of the copy by events, 0.67-0.70 by kernel time on the H200).
 `*_kernels` / `*_memcpy` / `*_syncs` come from torch.profiler for one call: kernels on the GPU, host<->device
 copies, and host-blocking synchronizations (each one drains the GPU queue).
 """
