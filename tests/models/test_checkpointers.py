@@ -73,6 +73,36 @@ def test_meta_checkpoint_loads_with_hf_logits_and_saves_identically(tmp_path):
     assert (tmp_path / "saved" / "params.json").is_file()
 
 
+def test_a_recipe_saves_and_resumes_through_a_meta_checkpointer_without_head_counts(tmp_path):
+    # The recipes call checkpointer.save(state_dict, folder): the head counts come from params.json.
+    from ftcore.runner.weights import load_model_weights, save_model_weights
+
+    hf_model = make_hf_model("llama3_1")
+    hf_model.save_pretrained(tmp_path / "hf")
+    meta_state = _hf_to_meta_state(hf_model.state_dict(), n_heads=4, n_kv_heads=2)
+    (tmp_path / "meta").mkdir()
+    torch.save(meta_state, tmp_path / "meta" / "consolidated.00.pth")
+    (tmp_path / "meta" / "params.json").write_text('{"n_heads": 4, "n_kv_heads": 2}')
+    sizes = hf_model_sizes(read_hf_config(tmp_path / "hf"))
+    model = M.transformer_decoder(**sizes)
+    M.MetaCheckpointer(str(tmp_path / "meta")).load_into(model)
+
+    save_model_weights(M.MetaCheckpointer(str(tmp_path / "meta")), model.state_dict(), tmp_path / "step")
+    saved = torch.load(tmp_path / "step" / "consolidated.00.pth", weights_only=True)
+    assert all(torch.equal(saved[k], meta_state[k]) for k in meta_state)
+    resumed = M.transformer_decoder(**sizes)
+    load_model_weights(resumed, tmp_path / "step")
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_meta_save_without_head_counts_anywhere_names_params_json(tmp_path):
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "params.json").write_text("{}")
+    model = M.transformer_decoder(**hf_model_sizes(make_hf_model("llama3_1").config.to_dict()))
+    with pytest.raises(ValueError, match=r"params\.json has no n_heads; pass n_heads="):
+        M.MetaCheckpointer(str(tmp_path / "meta")).save(model.state_dict(), tmp_path / "out")
+
+
 @pytest.fixture
 def hf_dir(tmp_path):
     make_hf_model("llama2").save_pretrained(tmp_path)

@@ -67,6 +67,15 @@ def test_tokenizer_encodes_the_reference_text_to_llama2c_ids(assets):
     assert tokenizer.decode(ids) == expected
 
 
+def test_tokenizer_takes_the_tokenizer_contract_generation_prompt_flag(assets):
+    # No chat template in this vocabulary: the flag every tokenizer accepts has no header to add.
+    tokenizer = gguf_tokenizer(str(assets / "models" / "stories260K.gguf"))
+    messages = [{"role": "user", "content": "Once upon a time"}]
+    plain = tokenizer.tokenize_messages(messages, add_eos=False)
+    assert tokenizer.tokenize_messages(messages, add_eos=False, add_generation_prompt=True) == plain
+    assert plain[0][0] == tokenizer.bos_id and tokenizer.decode(plain[0]) == "Once upon a time"
+
+
 def test_tokenizer_byte_fallback_round_trips_unicode(assets):
     tokenizer = gguf_tokenizer(str(assets / "models" / "stories260K.gguf"))
     text = "Zoë saw 3 🐱 cats\tand  ünïcode"

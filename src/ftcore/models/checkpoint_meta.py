@@ -122,8 +122,8 @@ class MetaCheckpointer:
         state_dict: dict[str, torch.Tensor],
         output_dir: str | None = None,
         *,
-        n_heads: int,
-        n_kv_heads: int,
+        n_heads: int | None = None,
+        n_kv_heads: int | None = None,
         num_shards: int = 1,
         embedding_split_dim: int | None = None,
         params: dict | None = None,
@@ -134,10 +134,12 @@ class MetaCheckpointer:
         splits the model dim), 0 for Llama 3 (VocabParallelEmbedding splits the vocabulary);
         None takes the source checkpoint's split. `params.json` is the source's when it has one,
         else derived from the shapes (`meta_params`), updated with `params` (e.g. `norm_eps`,
-        `rope_theta`, which the tensors cannot tell)."""
+        `rope_theta`, which the tensors cannot tell). `n_heads` / `n_kv_heads` (needed to undo the q/k
+        permutation) default to the source's `params.json`, as when a recipe saves through the checkpointer."""
         target = Path(output_dir) if output_dir is not None else self.output_dir
         if target is None:
             raise ValueError("MetaCheckpointer.save needs an output_dir (argument or constructor)")
+        n_heads, n_kv_heads = self._head_counts(n_heads, n_kv_heads)
         if num_shards < 1 or n_heads % num_shards or n_kv_heads % num_shards:
             raise ValueError(
                 f"num_shards={num_shards} must be >= 1 and divide n_heads={n_heads} and "
@@ -161,6 +163,20 @@ class MetaCheckpointer:
                 del shard
             self._write_params(tmp, state_dict, n_heads, n_kv_heads, params)
         return target
+
+    def _head_counts(self, n_heads: int | None, n_kv_heads: int | None) -> tuple[int, int]:
+        source = self.checkpoint_dir / "params.json"
+        params = json.loads(source.read_text()) if source.is_file() else {}
+        n_heads = n_heads if n_heads is not None else params.get("n_heads")
+        if n_heads is None:
+            raise ValueError(
+                f"MetaCheckpointer.save needs the attention head count to write q/k in Meta's layout: "
+                f"{source} {'has no n_heads' if source.is_file() else 'does not exist'}; pass n_heads= "
+                f"(and n_kv_heads= for grouped-query attention)"
+            )
+        if n_kv_heads is None:
+            n_kv_heads = params.get("n_kv_heads", n_heads)  # Meta's params.json omits it without GQA
+        return int(n_heads), int(n_kv_heads)
 
     def _source_embedding_split_dim(self, state_dict: dict[str, torch.Tensor]) -> int:
         paths = sorted(self.checkpoint_dir.glob("consolidated.*.pth"))

@@ -1,5 +1,6 @@
-"""Whole-model weights in a checkpoint folder: HF layout through the run's checkpointer when it can
-write one, else ftcore's own names in a single safetensors file (random-init and GGUF bases)."""
+"""Whole-model weights in a checkpoint folder: the run's checkpointer's layout when it has one (HF, or
+Meta's for a MetaCheckpointer; a GGUF base is written in HF layout), else ftcore's own names in a single
+safetensors file (random-init bases)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
         with safe_open(path, framework="pt") as f:
             load_full_state_streaming(model, ((name, f.get_tensor(name)) for name in f.keys()), source=path)
         return
-    from ftcore.models import HFCheckpointer
+    from ftcore.models import HFCheckpointer, MetaCheckpointer
 
-    HFCheckpointer(checkpoint_dir=str(folder)).load_into(cast("TransformerDecoder", model))
+    decoder = cast("TransformerDecoder", model)
+    if any(folder.glob("consolidated.*.pth")):  # written by a MetaCheckpointer
+        MetaCheckpointer(checkpoint_dir=str(folder)).load_into(decoder)
+        return
+    HFCheckpointer(checkpoint_dir=str(folder)).load_into(decoder)

@@ -98,8 +98,11 @@ class GGUFTokenizer:
             del out[0]  # the dummy prefix space added by encode
         return out.decode("utf-8", errors="replace")
 
-    def tokenize_messages(self, messages, add_eos: bool = True) -> tuple[list[int], list[bool]]:
-        """BOS + each message's content encoded in turn (no chat template: this vocabulary has none).
+    def tokenize_messages(
+        self, messages, add_eos: bool = True, add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[bool]]:
+        """BOS + each message's content encoded in turn (no chat template: this vocabulary has none, so
+        `add_generation_prompt` has no assistant header to append and changes nothing).
         mask[i] True = token i is not trained on (the message's `masked`; BOS is masked)."""
         # Messages may also be plain dicts (a generate config's `messages`), with `masked` optional.
         plain = [
