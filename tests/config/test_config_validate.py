@@ -94,3 +94,21 @@ def test_partial_builders_and_sequence_annotations_are_checked():
         validate_config(OmegaConf.create({"m": {**node, "rank": "eight"}}))
     with pytest.raises(ConfigError, match="`m.modules`: expected list, got str 'q_proj'"):
         validate_config(OmegaConf.create({"m": {**node, "modules": "q_proj"}}))
+
+
+@pytest.mark.parametrize("builder", ["ftcore.models.lora_from_gguf", "ftcore.models.lora_from_hf_config"])
+def test_checkpoint_lora_builders_refuse_a_string_of_modules(builder):
+    # Unannotated, a string passed validation and LoRA then iterated its characters.
+    path_key = "path" if builder.endswith("gguf") else "checkpoint_dir"
+    node = {"_component_": builder, path_key: "/unused", "lora_attn_modules": "q_proj"}
+    with pytest.raises(ConfigError, match="`m.lora_attn_modules`: expected list, got str 'q_proj'"):
+        validate_config(OmegaConf.create({"m": node}))
+
+
+def test_lora_decoder_refuses_a_string_of_modules_at_build_time():
+    from ftcore.models.builders import lora_transformer_decoder
+
+    with pytest.raises(ValueError, match=r"a list of projection names, e.g. \[q_proj\]"):
+        lora_transformer_decoder(
+            "q_proj", vocab_size=32, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32, max_seq_len=8
+        )

@@ -102,6 +102,31 @@ def test_keep_last_n_prunes_steps_and_epochs_separately(tmp_path):
         keep_last_n(tmp_path, 0)
 
 
+def test_atomic_writes_get_the_permissions_of_any_new_file(tmp_path):
+    # mkstemp/mkdtemp make private 0600/0700 temporaries; the checkpoint must not stay private.
+    previous = os.umask(0o022)
+    try:
+        file = atomic_write_json({"a": 1}, tmp_path / "state.json")
+        with atomic_write_dir(tmp_path / "step_1") as folder:
+            (folder / "weights.bin").write_bytes(b"x")
+    finally:
+        os.umask(previous)
+    assert file.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "step_1").stat().st_mode & 0o777 == 0o755
+
+
+def test_keep_last_n_neither_counts_nor_deletes_incomplete_folders(tmp_path):
+    # An incomplete newer folder must not push out the checkpoint a resume continues from.
+    for step in (20, 30):
+        make_checkpoint(tmp_path, f"step_{step}", step)
+    make_checkpoint(tmp_path, "step_40", 40, complete=False)
+    make_checkpoint(tmp_path, "step_32", 32)
+    deleted = keep_last_n(tmp_path, 2)
+    assert [p.name for p in deleted] == ["step_20"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_30", "step_32", "step_40"]
+    assert find_latest_checkpoint(tmp_path).name == "step_32"
+
+
 def test_find_latest_checkpoint_uses_recorded_step_and_skips_incomplete(tmp_path):
     assert find_latest_checkpoint(tmp_path) is None
     make_checkpoint(tmp_path, "step_5", 5)

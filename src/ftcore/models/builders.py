@@ -150,6 +150,11 @@ def lora_transformer_decoder(
         hidden_dim=hidden_dim, max_seq_len=max_seq_len, rope_base=rope_base, norm_eps=norm_eps,
         tie_embeddings=tie_embeddings, qkv_bias=qkv_bias, head_dim=head_dim, rope_scaling=rope_scaling,
     )  # fmt: skip
+    if isinstance(lora_attn_modules, str):  # a string is a sequence too: of its characters
+        raise ValueError(
+            f"lora_attn_modules must be a list of projection names, e.g. [{lora_attn_modules}]; got the string "
+            f"{lora_attn_modules!r}"
+        )
     unknown = sorted(set(lora_attn_modules) - set(LORA_ATTN_MODULES))
     if unknown:
         raise ValueError(

@@ -7,6 +7,7 @@ rotate-half layout on load. Quantized GGUF tensor types are rejected with a clea
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,7 @@ def from_gguf(path: str, quantize_base: bool = False) -> TransformerDecoder:
 
 def lora_from_gguf(
     path: str,
-    lora_attn_modules,
+    lora_attn_modules: Sequence[str],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,

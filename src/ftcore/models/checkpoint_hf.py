@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
@@ -98,7 +99,7 @@ def from_hf_config(checkpoint_dir: str, quantize_base: bool = False) -> Transfor
 
 def lora_from_hf_config(
     checkpoint_dir: str,
-    lora_attn_modules,
+    lora_attn_modules: Sequence[str],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,

@@ -35,13 +35,26 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _with_default_mode(path: Path, mode: int) -> Path:
+    # mkstemp / mkdtemp create 0600 / 0700 (private); a checkpoint should get the permissions any file
+    # or folder created here gets (e.g. 0644 / 0755 under umask 022), so others sharing the machine can read it.
+    os.chmod(path, mode & ~_umask())
+    return path
+
+
 def atomic_write_file(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call write(tmp_path), fsync it, and move it onto `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}-", dir=path.parent)
     os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _with_default_mode(Path(tmp_name), 0o666)
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:
@@ -79,6 +92,7 @@ def atomic_write_dir(final_dir: str | Path) -> Iterator[Path]:
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final_dir.name}-", dir=final_dir.parent))
+    _with_default_mode(tmp, 0o777)
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -110,15 +124,20 @@ def keep_last_n(output_dir: str | Path, n: int) -> list[Path]:
     """Delete all but the newest n `step_*` folders and, separately, the newest n `epoch_*` folders.
 
     Step and epoch numbers are not comparable, so each kind is pruned on its own; folders with other
-    names (e.g. `best`) are never touched. Stale temporaries from killed saves are removed. Returns the
-    deleted paths.
+    names (e.g. `best`) are never touched, nor are incomplete ones (no training state: not ours to judge,
+    and counting them could delete the checkpoint a resume needs). Stale temporaries from killed saves
+    are removed. Returns the deleted paths.
     """
     if n < 1:
         raise ValueError(f"keep_last_n must be >= 1, got {n}")
     output_dir = Path(output_dir)
     deleted = []
     for kind in ("step", "epoch"):
-        of_kind = [p for p in list_checkpoints(output_dir) if p.name.startswith(f"{kind}_")]
+        of_kind = [
+            p
+            for p in list_checkpoints(output_dir)
+            if p.name.startswith(f"{kind}_") and is_complete_checkpoint(p)
+        ]
         for path in of_kind[:-n]:
             shutil.rmtree(path)
             deleted.append(path)
@@ -127,14 +146,18 @@ def keep_last_n(output_dir: str | Path, n: int) -> list[Path]:
     return deleted
 
 
+def is_complete_checkpoint(path: Path) -> bool:
+    """A checkpoint folder holding its training state and (written last) the state's summary."""
+    return (path / STATE_FILE).is_file() and (path / STATE_SUMMARY).is_file()
+
+
 def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The complete checkpoint (one holding a training state) with the highest global step, or None."""
     best, best_step = None, -1
     for path in list_checkpoints(output_dir):
-        summary = path / STATE_SUMMARY
-        if not (path / STATE_FILE).is_file() or not summary.is_file():
+        if not is_complete_checkpoint(path):
             continue
-        step = int(json.loads(summary.read_text())["step"])
+        step = int(json.loads((path / STATE_SUMMARY).read_text())["step"])
         if step >= best_step:
             best, best_step = path, step
     return best
