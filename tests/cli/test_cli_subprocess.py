@@ -71,3 +71,17 @@ def test_download_offline_ends_with_one_line_and_exit_code_1(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ftcore download: error: could not download meta-llama/")
     assert "Traceback" not in result.stderr
+
+
+def test_a_value_the_recipe_setup_refuses_ends_in_one_line_with_exit_2(tmp_path):
+    # Passes validation (an int), refused by the training loop's setup: no traceback by default.
+    args = ("run", "full_finetune", "--config", "demo/reverse_full", f"output_dir={tmp_path}", "max_steps=-5")
+    result = ftcore(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "ftcore: error: config key `max_steps` must be >= 1 or null (off), got -5 "
+        "(while setting up the run; FTCORE_TRACEBACK=1 shows where)"
+    )
+    assert "Traceback" not in result.stderr
+    traced = ftcore(*args, env={"FTCORE_TRACEBACK": "1"})
+    assert traced.returncode == 1 and "Traceback" in traced.stderr and "must be >= 1 or null" in traced.stderr

@@ -51,3 +51,21 @@ def test_progress_bar_shows_loss_lr_and_rate():
     bar.close()
     assert rate > 0 and bar.bar.n == 3
     assert "loss=1.2345" in text and "lr=3.00e-04" in text and "tok_s=" in text and "3/10" in text
+
+
+def test_a_misspelt_device_names_the_config_key():
+    from ftcore.runner.setup import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"config key `device` is 'cpuu'; use cpu, cuda, cuda:N or auto"):
+        resolve_device("cpuu")
+
+
+def test_a_missing_relative_path_says_where_it_was_resolved_from(tmp_path, monkeypatch):
+    from ftcore.data.tokenizers.base import existing_file
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf"tok.model \(relative to the current directory {tmp_path}\)"):
+        existing_file("tok.model", "SentencePiece model")
+    with pytest.raises(ValueError, match=r"not found: /abs/tok.model \(check"):
+        existing_file("/abs/tok.model", "SentencePiece model")

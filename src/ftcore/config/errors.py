@@ -19,6 +19,17 @@ class ConfigError(ValueError):
         super().__init__(f"{where}: {problem}." + (f" {fix}" if fix else ""))
 
 
+class RunSetupError(ConfigError):
+    """A recipe's setup refused the run before training (a bad value, a missing file). Shown as the one
+    line its message is, like a config error; `FTCORE_TRACEBACK=1` keeps the traceback instead."""
+
+    def __init__(self, error: Exception) -> None:
+        ValueError.__init__(
+            self, f"{str(error).rstrip('.')} (while setting up the run; FTCORE_TRACEBACK=1 shows where)"
+        )
+        self.source, self.key, self.problem, self.fix = "", "", str(error), ""
+
+
 def did_you_mean(word: str, candidates: Iterable[str], listing: str = "") -> str:
     """`Did you mean `x`?` for the closest names to `word`, or a listing of the valid names.
 

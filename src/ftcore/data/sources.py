@@ -92,7 +92,9 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[SourceRow], list[BadRow]]:
             item = json.loads(line)
         except json.JSONDecodeError as e:
             at = "" if e.msg.endswith(" at") else " at"  # "Unterminated string starting at" ends in one
-            bad.append(BadRow(where, f"malformed JSON ({e.msg}{at} column {e.colno}); fix or delete the line"))
+            bad.append(
+                BadRow(where, f"malformed JSON ({e.msg}{at} column {e.colno}); fix or delete the line")
+            )
             continue
         _append_item(rows, bad, where, item)
     return rows, bad

@@ -17,6 +17,7 @@ from ftcore.models.builders import lora_transformer_decoder, transformer_decoder
 from ftcore.models.checkpoint_common import TensorLoader, interleaved_to_halves
 from ftcore.models.checkpoint_hf import hf_config_from_sizes, write_hf_checkpoint
 from ftcore.models.transformer import TransformerDecoder, reset_buffers
+from ftcore.paths import shown_path
 
 _TOP_LEVEL = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
 _IN_BLOCK = {
@@ -38,7 +39,9 @@ def _reader(path: str | Path):
     import gguf  # imported lazily: only GGUF users need the package
 
     if not Path(path).is_file():
-        raise ValueError(f"GGUF file {path} not found; set checkpoint_path to an existing .gguf file")
+        raise ValueError(
+            f"GGUF file {shown_path(path)} not found; set checkpoint_path to an existing .gguf file"
+        )
     return gguf.GGUFReader(str(path))
 
 

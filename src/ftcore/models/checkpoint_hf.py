@@ -21,6 +21,7 @@ from ftcore.models.builders import lora_transformer_decoder, transformer_decoder
 from ftcore.models.checkpoint_common import TensorLoader, atomic_directory
 from ftcore.models.hf_names import ftcore_to_hf, hf_to_ftcore
 from ftcore.models.transformer import Llama3RopeScaling, TransformerDecoder, reset_buffers
+from ftcore.paths import shown_path
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -50,7 +51,9 @@ def parse_size(size: int | str) -> int:
 def read_hf_config(checkpoint_dir: str | Path) -> dict:
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
-        raise ValueError(f"{path} not found: a Hugging Face checkpoint folder needs its config.json")
+        raise ValueError(
+            f"{shown_path(path)} not found: a Hugging Face checkpoint folder needs its config.json"
+        )
     return json.loads(path.read_text())
 
 

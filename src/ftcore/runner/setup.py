@@ -28,7 +28,10 @@ def resolve_device(name: str) -> torch.device:
     """`cpu`, `cuda`, `cuda:N` or `auto` (CUDA when present). Under torchrun, `cuda` means this rank's GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:  # torch lists every device type it knows; name the key instead
+        raise ValueError(f"config key `device` is {name!r}; use cpu, cuda, cuda:N or auto") from error
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("config key `device` is 'cuda' but no CUDA GPU is visible; set device=cpu")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from ftcore.data.messages import Message
+from ftcore.paths import shown_path
 
 
 class MessageLike(Protocol):
@@ -86,7 +87,9 @@ def existing_file(path: str | Path, what: str) -> Path:
     """The path as a Path, or a ValueError saying which file is missing and what it should be."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ValueError(f"{what} file not found: {path} (check the tokenizer `path` in your config)")
+        raise ValueError(
+            f"{what} file not found: {shown_path(path)} (check the tokenizer `path` in your config)"
+        )
     return path
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ftcore.data.tokenizers.base import concat_messages
+from ftcore.paths import shown_path
 
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
 TOKEN_TYPE_UNKNOWN = 2
@@ -125,7 +126,9 @@ def gguf_tokenizer(path: str) -> GGUFTokenizer:
     import gguf
 
     if not Path(path).is_file():
-        raise ValueError(f"GGUF file {path} not found; set the tokenizer path to an existing .gguf file")
+        raise ValueError(
+            f"GGUF file {shown_path(path)} not found; set the tokenizer path to an existing .gguf file"
+        )
     reader = gguf.GGUFReader(str(path))
 
     def field(key, default=None):
