@@ -11,8 +11,9 @@ import time
 from omegaconf import DictConfig, OmegaConf
 
 from ftcore.config import instantiate
+from ftcore.config.errors import run_setup
 from ftcore.data.messages import Message
-from ftcore.models.generation import generate
+from ftcore.models.generation import check_sampling, generate
 from ftcore.runner.setup import build_model, resolve_device, resolve_dtype, seed_everything
 
 CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -36,15 +37,17 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
 class GenerateRecipe:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
+        self.seed = cfg.get("seed", 0)
+
+    def setup(self) -> None:
+        cfg = self.cfg
         self.device = resolve_device(cfg.get("device", "cpu"))
         self.dtype = resolve_dtype(cfg.get("dtype", "fp32"), self.device)
-        self.seed = cfg.get("seed", 0)
         if (cfg.get("prompt") is None) == (cfg.get("messages") is None):
             raise ValueError(
                 'set exactly one of `prompt` (a string; "" starts from BOS) or `messages` (a chat)'
             )
-
-    def setup(self) -> None:
+        check_sampling(float(cfg.get("temperature", 0.0)), cfg.get("top_k"), cfg.get("top_p"))
         seed_everything(self.seed)
         self.tokenizer = instantiate(self.cfg.tokenizer)
         checkpointer = instantiate(self.cfg.checkpointer)
@@ -91,6 +94,6 @@ class GenerateRecipe:
 
 def recipe_main(cfg: DictConfig) -> None:
     recipe = GenerateRecipe(cfg)
-    recipe.setup()
+    run_setup(recipe.setup)
     recipe.generate()
     recipe.cleanup()

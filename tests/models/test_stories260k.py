@@ -111,4 +111,17 @@ def test_chat_messages_prompt(assets):
 def test_prompt_and_messages_together_are_rejected(assets):
     cfg = _config(assets, messages=[{"role": "user", "content": "x"}])
     with pytest.raises(ValueError, match="exactly one of `prompt`"):
-        _generate_recipe_module().GenerateRecipe(cfg)
+        _generate_recipe_module().GenerateRecipe(cfg).setup()
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [({"top_k": 0}, "`top_k` must be >= 1"), ({"top_k": -1}, "`top_k` must be >= 1"),
+     ({"top_p": 0.0}, r"`top_p` must be in \(0, 1\]"), ({"top_p": 1.5}, r"`top_p` must be in \(0, 1\]"),
+     ({"temperature": -0.5}, "`temperature` must be >= 0")],
+)  # fmt: skip
+def test_sampling_settings_that_sample_nothing_are_refused_at_setup(assets, setting, message):
+    # Before: torch's own errors from inside the sampler (a size mismatch, an invalid multinomial).
+    cfg = _config(assets, **{"temperature": 0.8, **setting})
+    with pytest.raises(ValueError, match=message):
+        _generate_recipe_module().GenerateRecipe(cfg).setup()

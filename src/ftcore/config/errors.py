@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
 
 
 class ConfigError(ValueError):
@@ -28,6 +29,16 @@ class RunSetupError(ConfigError):
             self, f"{str(error).rstrip('.')} (while setting up the run; FTCORE_TRACEBACK=1 shows where)"
         )
         self.source, self.key, self.problem, self.fix = "", "", str(error), ""
+
+
+def run_setup(setup: Callable[[], object]) -> None:
+    """Call a recipe's `setup`, turning what ftcore's checks refuse into a `RunSetupError`."""
+    try:
+        setup()
+    except (ValueError, FileNotFoundError) as error:  # ftcore's checks: a message that names the fix
+        if isinstance(error, ConfigError) or os.environ.get("FTCORE_TRACEBACK"):
+            raise
+        raise RunSetupError(error) from error
 
 
 def did_you_mean(word: str, candidates: Iterable[str], listing: str = "") -> str:

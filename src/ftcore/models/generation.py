@@ -14,6 +14,16 @@ import torch
 from ftcore.models.transformer import TransformerDecoder
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse settings that sample nothing or everything, naming the config key."""
+    if temperature < 0:
+        raise ValueError(f"config key `temperature` must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"config key `top_k` must be >= 1 or null (off), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"config key `top_p` must be in (0, 1] or null (off), got {top_p}")
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -81,6 +91,7 @@ def generate(
         )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
     device = model.tok_embeddings.weight.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     sampler = functools.partial(

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig
 from safetensors.torch import load_file, save_file
 
-from ftcore.config import ConfigError, instantiate
-from ftcore.config.errors import RunSetupError
+from ftcore.config import instantiate
+from ftcore.config.errors import run_setup
 from ftcore.runner.loop import TrainLoop
 from ftcore.runner.parts import build_parts
 from ftcore.runner.sharded import (
@@ -333,12 +333,7 @@ def run_recipe(recipe) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
     from ftcore.distributed.env import destroy_distributed
 
-    try:
-        recipe.setup()
-    except (ValueError, FileNotFoundError) as error:  # ftcore's checks: a message that names the fix
-        if isinstance(error, ConfigError) or os.environ.get("FTCORE_TRACEBACK"):
-            raise
-        raise RunSetupError(error) from error
+    run_setup(recipe.setup)
     try:
         recipe.train()
     finally:
