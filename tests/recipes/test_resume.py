@@ -82,3 +82,13 @@ def test_kill_9_then_resume_gives_identical_weights(tmp_path):
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume_from_without_a_traceback(tmp_path):
+    run = _ftcore_run(tmp_path / "out")
+    _wait_for(tmp_path / "out" / "step_000004" / "training_state.json", run)
+    run.send_signal(signal.SIGINT)
+    stderr = run.communicate(timeout=120)[1]
+    assert run.returncode == 130, stderr
+    assert "interrupted at step" in stderr and "resume_from_checkpoint=true" in stderr
+    assert "Traceback" not in stderr

@@ -172,6 +172,14 @@ class FinetuneSession:
         except NonFiniteLossError:
             log.error("stopped on a non-finite loss; the last good checkpoint is in %s", p.output_dir)
             raise
+        except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on, not a traceback
+            latest = find_latest_checkpoint(p.output_dir)
+            log.error(
+                "interrupted at step %d; %s", self.loop.progress.step,
+                f"the last complete checkpoint is {latest}: run the same command with "
+                "resume_from_checkpoint=true to continue from it" if latest else "no checkpoint was saved yet",
+            )  # fmt: skip
+            raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it
         if (
             self.loop.evaluate
             and not self.loop.stopped_early
