@@ -91,3 +91,27 @@ def test_load_without_state_is_a_clear_error(tmp_path):
     _, optimizer, scheduler = build()
     with pytest.raises(ValueError, match="training_state.pt"):
         load_training_state(tmp_path, optimizer=optimizer, scheduler=scheduler)
+
+
+@pytest.mark.parametrize("resumed_total", [TOTAL_STEPS, TOTAL_STEPS + 2])
+def test_resumed_lr_follows_this_runs_schedule(tmp_path, resumed_total, caplog):
+    # A finished cosine leaves lr 0 in the optimizer state; a longer resumed run must not train a step at it.
+    from ftcore.training.state import follow_this_runs_schedule
+
+    model, optimizer, scheduler = build()
+    for _ in range(TOTAL_STEPS):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    progress = TrainingProgress(step=TOTAL_STEPS, epoch=2, batches_in_epoch=2, sampler_seed=SAMPLER_SEED)
+    save_training_state(tmp_path, optimizer=optimizer, scheduler=scheduler, progress=progress)
+
+    model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.3), nn.ReLU(), nn.Linear(16, 1))
+    optimizer = adamw(model.parameters(), lr=0.05, weight_decay=0.1)
+    scheduler = cosine_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=resumed_total)
+    load_training_state(tmp_path, optimizer=optimizer, scheduler=scheduler)
+    follow_this_runs_schedule(scheduler, tmp_path)
+    expected = 0.05 * scheduler.lr_lambdas[0](TOTAL_STEPS)
+    assert optimizer.param_groups[0]["lr"] == expected == scheduler.get_last_lr()[0]
+    assert (expected > 0) == (resumed_total > TOTAL_STEPS)
+    assert ("different lr schedule" in caplog.text) == (resumed_total > TOTAL_STEPS)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from ftcore.config import instantiate
 from ftcore.config.errors import run_setup
+from ftcore.paths import shown_path
 from ftcore.runner.loop import TrainLoop
 from ftcore.runner.parts import build_parts
 from ftcore.runner.sharded import (
@@ -39,6 +40,7 @@ from ftcore.training import (
 )
 from ftcore.training.checkpoint_io import STATE_FILE
 from ftcore.training.loggers import drop_records_after
+from ftcore.training.state import follow_this_runs_schedule
 
 if TYPE_CHECKING:
     from ftcore.training.state import HasStateDict
@@ -260,6 +262,11 @@ class FinetuneSession:
                 self.parts.output_dir,
             )
             return
+        if not folder.is_dir():
+            raise ValueError(
+                f"resume_from_checkpoint: {shown_path(folder)} does not exist; point it at a step_*/epoch_* "
+                "folder of a training run, or set resume_from_checkpoint=true for the latest in output_dir"
+            )
         if not (folder / STATE_FILE).is_file():
             raise ValueError(
                 f"resume_from_checkpoint: {folder} holds no {STATE_FILE}; point it at a step_*/epoch_* folder "
@@ -275,7 +282,8 @@ class FinetuneSession:
         log.info("resumed from %s at step %d", folder, progress.step)
 
     def _load_optimizer_and_progress(self, folder: Path):
-        """Optimizer, scheduler, RNG and progress from a checkpoint written by any number of ranks."""
+        """Optimizer, scheduler, RNG and progress from a checkpoint written by any number of ranks; the
+        next lr then follows this run's schedule (the optimizer state holds the saved run's)."""
         p = self.parts
         if (folder / DCP_DIR).is_dir():  # written by N ranks: DCP reshards for this run's ranks
             from ftcore.distributed.state import load_training_state as load_sharded_state
@@ -284,12 +292,14 @@ class FinetuneSession:
             with warnings.catch_warnings():  # DCP warns that one process without a group reads it all
                 warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
                 load_sharded_state(folder / DCP_DIR, p.model, p.optimizer)
-            return progress
-        if p.sharded:  # written by one process, resumed on N ranks
+        elif p.sharded:  # written by one process, resumed on N ranks
             progress = load_training_state(folder, optimizer=OptimizerStateInDCP(), scheduler=p.scheduler)
             load_one_process_optimizer_state(folder / "training_state.pt", p.optimizer)
-            return progress
-        return load_training_state(folder, optimizer=p.optimizer, scheduler=p.scheduler)
+        else:
+            progress = load_training_state(folder, optimizer=p.optimizer, scheduler=p.scheduler)
+        if p.scheduler is not None:
+            follow_this_runs_schedule(p.scheduler, folder)
+        return progress
 
     # ---- whole-model weights (full fine-tuning, merged LoRA export) ------------------------------
     def unsharded_model(self, keys: set[str] | None = None) -> torch.nn.Module | None:

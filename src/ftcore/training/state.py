@@ -8,6 +8,7 @@ fixes each epoch's shuffle, and the torch/CUDA/Python/NumPy generators that driv
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 
 from ftcore.training.checkpoint_io import STATE_FILE, STATE_SUMMARY, atomic_torch_save, atomic_write_json
+
+log = logging.getLogger(__name__)
 
 
 class HasStateDict(Protocol):
@@ -118,6 +121,28 @@ def load_training_state(
     if restore_rng:
         restore_rng_state(state["rng"])
     return TrainingProgress(**state["progress"])
+
+
+def follow_this_runs_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, checkpoint_dir) -> None:
+    """Set the next step's lr from this run's schedule at the restored step.
+
+    The optimizer state carries the lr the saved run's schedule gave its last step. A resumed run whose
+    schedule differs (a larger max_steps, another warmup) would train one step at that lr (0 at the end
+    of a finished cosine) before its own schedule took over. Unchanged, the same expression gives the
+    same float, so an exact resume stays exact. Only LambdaLR (ftcore's schedules) is re-derived."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return
+    step = scheduler.last_epoch
+    lrs = [base * factor(step) for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)]
+    groups = scheduler.optimizer.param_groups
+    if any(group["lr"] != lr for group, lr in zip(groups, lrs, strict=True)):
+        log.warning(
+            "resuming from %s at step %d with a different lr schedule: the next lr is %.6g (this run's "
+            "schedule), not %.6g (the checkpoint's)", checkpoint_dir, step, lrs[0], groups[0]["lr"],
+        )  # fmt: skip
+    for group, lr in zip(groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports (torch's own attribute)
 
 
 def check_optimizer_state_kind(saved: dict, optimizer, checkpoint_dir) -> None:
