@@ -171,3 +171,14 @@ def test_schedule_keys_are_checked_before_anything_is_built(tmp_path, override):
     with pytest.raises(ValueError, match=f"config key `{key}` must be >= 1"):
         run("full_finetune", demo_config("demo/reverse_full", tmp_path, override))
     assert not (tmp_path / "data").exists(), "the dataset was generated before the bad key was reported"
+
+
+def test_a_fresh_run_into_a_used_output_dir_warns(tmp_path, caplog):
+    cfg = demo_config(
+        "demo/reverse_full", tmp_path, "max_steps=2", "~dataset_val", "~evaluators", "~lr_scheduler"
+    )
+    run("full_finetune", cfg)
+    assert "already holds a run" not in caplog.text
+    run("full_finetune", cfg)
+    assert "already holds a run (latest checkpoint step_000002)" in caplog.text
+    assert "resume_from_checkpoint=true" in caplog.text

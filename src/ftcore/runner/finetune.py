@@ -254,6 +254,7 @@ class FinetuneSession:
     def _maybe_resume(self) -> None:
         resume = self.cfg.get("resume_from_checkpoint", False)
         if resume is False:
+            self._warn_if_output_dir_holds_a_run()
             return
         folder = find_latest_checkpoint(self.parts.output_dir) if resume is True else Path(resume)
         if folder is None:
@@ -280,6 +281,15 @@ class FinetuneSession:
         if self.parts.is_main:
             drop_records_after(self.parts.output_dir / "metrics.jsonl", progress.step)
         log.info("resumed from %s at step %d", folder, progress.step)
+
+    def _warn_if_output_dir_holds_a_run(self) -> None:
+        latest = find_latest_checkpoint(self.parts.output_dir)
+        if latest is not None and self.parts.is_main:
+            log.warning(
+                "%s already holds a run (latest checkpoint %s): this fresh run appends to its metrics.jsonl "
+                "and replaces its checkpoints of the same names; set resume_from_checkpoint=true to continue "
+                "that run instead, or choose a new output_dir", self.parts.output_dir, latest.name,
+            )  # fmt: skip
 
     def _load_optimizer_and_progress(self, folder: Path):
         """Optimizer, scheduler, RNG and progress from a checkpoint written by any number of ranks; the
