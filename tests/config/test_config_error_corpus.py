@@ -29,6 +29,9 @@ CORPUS = [
     ),
     ("override-typo-list-item", None, ["augment.1.factr=1"], "augment.1.factr", "Did you mean `factor`"),
     ("override-typo-in-parent", None, ["modle.hidden_dim=3"], "modle", "Did you mean `model`"),
+    # deleting a missing key: no "+key" advice; a list index past the end: the list's length
+    ("delete-typo", None, ["~stpes"], "stpes", "no such key in the config. Did you mean `steps`?"),
+    ("list-index-past-end", None, ["augment.7.factor=1"], "augment.7", "The list has 2 entries (0 to 1)."),
     ("added-key-not-read", None, ["+stpes=3"], "stpes", "not a key the recipe reads. Did you mean `steps`"),
     (
         "added-arg-unknown",
@@ -227,3 +230,9 @@ def test_malformed_file_gives_its_named_error(text, message, tmp_path):
     with pytest.raises(ConfigError, match=message) as err:
         load_config(path)
     assert str(path) in str(err.value) and time.perf_counter() - start < 1.0
+
+
+def test_deleting_a_missing_key_does_not_advise_adding_it(fixtures_dir):
+    with pytest.raises(ConfigError) as caught:
+        apply_overrides(load_config(fixtures_dir / "tiny.yaml"), ["~stpes"])
+    assert "To add a new key" not in str(caught.value)

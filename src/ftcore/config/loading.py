@@ -102,13 +102,17 @@ def _parent_of(cfg: DictConfig, key: str, source: str, create: bool = False):
     return node, parts[-1]
 
 
-def _raise_missing(node, path: str, source: str) -> None:
+def _raise_missing(node, path: str, source: str, deleting: bool = False) -> None:
     last = path.rsplit(".", 1)[-1]
     keys = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
-    hint = did_you_mean(last, keys, listing="Keys here")
-    raise ConfigError(
-        source, path, "no such key in the config", f"{hint} To add a new key, write `+{path}=...`."
-    )
+    hints = [did_you_mean(last, keys, listing="Keys here")]
+    if isinstance(node, ListConfig):
+        hints.append(
+            f"The list has {len(node)} {'entry' if len(node) == 1 else 'entries'} (0 to {len(node) - 1})."
+        )
+    if not deleting:  # adding is the fix for a missing key, never for deleting one
+        hints.append(f"To add a new key, write `+{path}=...`.")
+    raise ConfigError(source, path, "no such key in the config", " ".join(h for h in hints if h))
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str], source: str = "command line") -> DictConfig:
@@ -122,7 +126,7 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], source: str = "comman
                 raise ConfigError(where, key, "malformed delete", "Write `~key.path` with no value.")
             parent, last = _parent_of(cfg, key, where)
             if not _has(parent, last):
-                _raise_missing(parent, key, where)
+                _raise_missing(parent, key, where, deleting=True)
             del parent[int(last) if isinstance(parent, ListConfig) else last]
             continue
         key, sep, raw = override.partition("=")
