@@ -182,3 +182,9 @@ def test_a_fresh_run_into_a_used_output_dir_warns(tmp_path, caplog):
     run("full_finetune", cfg)
     assert "already holds a run (latest checkpoint step_000002)" in caplog.text
     assert "resume_from_checkpoint=true" in caplog.text
+
+
+def test_early_stopping_without_a_validation_set_is_refused(tmp_path):
+    cfg = demo_config("demo/reverse_full", tmp_path, "~dataset_val", "early_stopping_patience=2")
+    with pytest.raises(ValueError, match="`early_stopping_patience` needs a `dataset_val`"):
+        run("full_finetune", cfg)

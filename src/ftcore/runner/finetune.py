@@ -131,6 +131,11 @@ class FinetuneSession:
         self._write_weights, self._read_weights = write_weights, read_weights
         self._evaluators = [instantiate(node) for node in (cfg.get("evaluators") or ListConfig([]))]
         p = self.parts
+        if cfg.get("early_stopping_patience") is not None and p.val_loader is None:
+            raise ValueError(
+                "config key `early_stopping_patience` needs a `dataset_val`: early stopping watches val_loss; "
+                "add a dataset_val or set early_stopping_patience=null"
+            )
         has_eval = p.val_loader is not None or self._evaluators
         self.loop = TrainLoop(
             p.model,
