@@ -91,6 +91,7 @@ def test_two_processes_match_one(straight):
     losses = logged(one, "loss")
     assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
     assert logged(two, "loss") == pytest.approx(losses, abs=TOL)
+    assert logged(two, "num_tokens") == logged(one, "num_tokens")  # the run's tokens, not one rank's
     # The final evaluation: validation rows split over the ranks, the exact-match evaluator on every rank.
     assert logged(two, "val_loss") == pytest.approx(logged(one, "val_loss"), abs=TOL)
     assert logged(two, "exact_match") == logged(one, "exact_match")

@@ -148,7 +148,8 @@ class TrainLoop:
             self.scheduler.step()
         p.step += 1
         p.batches_in_epoch += s.gradient_accumulation_steps
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "num_tokens": local_tokens, "epoch": p.epoch}
+        # All ranks' tokens, as the loss is all ranks' mean: tokens_per_second is the run's, not one GPU's.
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "num_tokens": total_tokens, "epoch": p.epoch}
 
     def _grad_norm(self) -> float:
         """The global gradient norm before clipping (gradients are clipped to `clip_grad_norm` when set).
