@@ -118,3 +118,10 @@ def test_check_cli_on_real_sharegpt_file_and_config(tmp_path, assets, capsys):
         main([str(data), "--format", "alpaca", "--tokenizer", str(tokenizer)]) == 1
     )  # every row lacks `instruction`
     assert "missing column: 500" in capsys.readouterr().out
+
+
+def test_check_cli_reads_a_gguf_files_vocabulary(assets, capsys):
+    data = assets / "data" / "alpaca_tiny.json"
+    gguf = assets / "models" / "stories260K.gguf"
+    assert main([str(data), "--format", "alpaca", "--tokenizer", str(gguf)]) == 0
+    assert "bad rows                         0" in capsys.readouterr().out

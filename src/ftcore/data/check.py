@@ -2,6 +2,7 @@
 
     ftcore data check --config CONFIG [key=value ...]      the config's `dataset` and `tokenizer`
     ftcore data check FILE --format FMT --tokenizer PATH [--max-seq-len N] [--column-map a=b ...]
+        (PATH: a Llama 3 tiktoken file, a SentencePiece model, a tokenizer.json or a .gguf)
 
 Prints one table: rows read, bad rows (file:line and reason), exact and near duplicates, token
 length histogram, truncation, trained tokens and tokens per epoch. Exit status 1 when any row is bad
@@ -209,9 +210,14 @@ def _count_packs(lengths: list[int], max_seq_len: int) -> int:
 
 
 def load_tokenizer(path: str) -> Any:
-    """A Llama 3 tiktoken rank file (lines `base64 rank`) or a SentencePiece model."""
-    from ftcore.data.tokenizers import Llama3Tokenizer, SentencePieceTokenizer
+    """A GGUF file's vocabulary (`.gguf`), a Hugging Face `tokenizer.json` (`.json`, ChatML), a Llama 3
+    tiktoken rank file (lines `base64 rank`) or a SentencePiece model."""
+    from ftcore.data.tokenizers import HFTokenizer, Llama3Tokenizer, SentencePieceTokenizer, gguf_tokenizer
 
+    if path.endswith(".gguf"):
+        return gguf_tokenizer(path)
+    if path.endswith(".json"):
+        return HFTokenizer(path)
     with open(path, "rb") as f:
         first_line = f.readline(200)
     if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n?", first_line):
@@ -257,7 +263,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("file", nargs="?", help="data file or folder (instead of --config)")
     parser.add_argument("--config", help="a config with `dataset` and `tokenizer` sections")
     parser.add_argument("--format", choices=FORMATS, help="row format of FILE")
-    parser.add_argument("--tokenizer", help="tokenizer file (Llama 3 tiktoken or SentencePiece)")
+    parser.add_argument(
+        "--tokenizer", help="tokenizer file: Llama 3 tiktoken, SentencePiece, tokenizer.json or a .gguf"
+    )
     parser.add_argument("--max-seq-len", type=int, default=None)
     parser.add_argument("--train-on-input", action="store_true")
     parser.add_argument("--packed", action="store_true", help="also report the packs of max_seq_len")
