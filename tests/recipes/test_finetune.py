@@ -188,3 +188,16 @@ def test_early_stopping_without_a_validation_set_is_refused(tmp_path):
     cfg = demo_config("demo/reverse_full", tmp_path, "~dataset_val", "early_stopping_patience=2")
     with pytest.raises(ValueError, match="`early_stopping_patience` needs a `dataset_val`"):
         run("full_finetune", cfg)
+
+
+def test_a_longer_resumed_run_trains_on_at_its_own_schedules_lr(tmp_path, caplog):
+    # The finished 4-step cosine leaves lr 0 in the optimizer state; step 5 of the 6-step run must not use it.
+    common = ["~dataset_val", "~evaluators", "lr_scheduler.num_warmup_steps=0", "save_every_n_steps=2"]
+    run("full_finetune", demo_config("demo/reverse_full", tmp_path, "max_steps=4", *common))
+    run(
+        "full_finetune",
+        demo_config("demo/reverse_full", tmp_path, "max_steps=6", "resume_from_checkpoint=true", *common),
+    )
+    lrs = dict(zip(_logged(tmp_path, "step"), _logged(tmp_path, "lr"), strict=True))
+    assert lrs[4] > 0 and lrs[5] > 0 and lrs[6] > 0
+    assert "with a different lr or schedule" in caplog.text

@@ -93,8 +93,10 @@ def test_load_without_state_is_a_clear_error(tmp_path):
         load_training_state(tmp_path, optimizer=optimizer, scheduler=scheduler)
 
 
-@pytest.mark.parametrize("resumed_total", [TOTAL_STEPS, TOTAL_STEPS + 2])
-def test_resumed_lr_follows_this_runs_schedule(tmp_path, resumed_total, caplog):
+@pytest.mark.parametrize(
+    "resumed_total, resumed_lr", [(TOTAL_STEPS, 0.05), (TOTAL_STEPS + 2, 0.05), (TOTAL_STEPS + 2, 0.01)]
+)
+def test_resumed_lr_follows_this_runs_schedule(tmp_path, resumed_total, resumed_lr, caplog):
     # A finished cosine leaves lr 0 in the optimizer state; a longer resumed run must not train a step at it.
     from ftcore.training.state import follow_this_runs_schedule
 
@@ -107,11 +109,12 @@ def test_resumed_lr_follows_this_runs_schedule(tmp_path, resumed_total, caplog):
     save_training_state(tmp_path, optimizer=optimizer, scheduler=scheduler, progress=progress)
 
     model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.3), nn.ReLU(), nn.Linear(16, 1))
-    optimizer = adamw(model.parameters(), lr=0.05, weight_decay=0.1)
+    optimizer = adamw(model.parameters(), lr=resumed_lr, weight_decay=0.1)
     scheduler = cosine_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=resumed_total)
+    base_lrs = list(scheduler.base_lrs)
     load_training_state(tmp_path, optimizer=optimizer, scheduler=scheduler)
-    follow_this_runs_schedule(scheduler, tmp_path)
-    expected = 0.05 * scheduler.lr_lambdas[0](TOTAL_STEPS)
+    follow_this_runs_schedule(scheduler, tmp_path, base_lrs)
+    expected = resumed_lr * scheduler.lr_lambdas[0](TOTAL_STEPS)
     assert optimizer.param_groups[0]["lr"] == expected == scheduler.get_last_lr()[0]
     assert (expected > 0) == (resumed_total > TOTAL_STEPS)
-    assert ("different lr schedule" in caplog.text) == (resumed_total > TOTAL_STEPS)
+    assert ("different lr or schedule" in caplog.text) == (resumed_total > TOTAL_STEPS)

@@ -11,7 +11,8 @@ import sys
 
 from ftcore.cli.run import run_in_process
 from ftcore.config import ConfigError
-from ftcore.distributed.env import exit_process, report_rank_failure
+from ftcore.config.errors import RunSetupError
+from ftcore.distributed.env import exit_process, rank_label, report_rank_failure
 
 
 @report_rank_failure
@@ -22,9 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         return run_in_process(args.recipe, args.config, overrides)
-    except ConfigError as exc:
+    except RunSetupError as exc:  # may be this rank's own (a node-local path, its GPU): say which rank
+        print(f"ftcore: {rank_label()} failed: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:  # the same config on every rank: the same line
         print(f"ftcore: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C (torchrun forwards it): 130, and still leave through exit_process
+        return 130
 
 
 if __name__ == "__main__":

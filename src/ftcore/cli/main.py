@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ftcore: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the recipe has said what it kept; no traceback
+        return 130  # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":

@@ -59,4 +59,8 @@ def cmd_run(args: argparse.Namespace, overrides: list[str]) -> int:
         "-m", "ftcore.cli.launch", str(recipe_path), "--config", str(config_path), *overrides,
     ]  # fmt: skip
     print("ftcore run: launching python " + " ".join(command[1:]), file=sys.stderr, flush=True)
-    return subprocess.run(command, check=False).returncode
+    launcher_process = subprocess.Popen(command)
+    try:
+        return launcher_process.wait()
+    except KeyboardInterrupt:  # torchrun got the same Ctrl-C and stops its ranks: wait for it to finish
+        return launcher_process.wait()

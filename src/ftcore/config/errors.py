@@ -5,6 +5,9 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from ftcore.paths import RECIPES_DIR
 
 
 class ConfigError(ValueError):
@@ -32,13 +35,33 @@ class RunSetupError(ConfigError):
 
 
 def run_setup(setup: Callable[[], object]) -> None:
-    """Call a recipe's `setup`, turning what ftcore's checks refuse into a `RunSetupError`."""
+    """Call a recipe's `setup`, turning what ftcore's own checks refuse into a `RunSetupError`.
+
+    Only a plain ValueError raised by ftcore's or a recipe's code (its checks name the key or file and the
+    fix), or a FileNotFoundError that names its file: a JSONDecodeError, a torch error or a bug elsewhere
+    keeps its traceback."""
     try:
         setup()
-    except (ValueError, FileNotFoundError) as error:  # ftcore's checks: a message that names the fix
-        if isinstance(error, ConfigError) or os.environ.get("FTCORE_TRACEBACK"):
+    except (ValueError, FileNotFoundError) as error:
+        if isinstance(error, ConfigError) or _traceback_wanted() or not _raised_by_our_check(error):
             raise
         raise RunSetupError(error) from error
+
+
+def _traceback_wanted() -> bool:
+    return os.environ.get("FTCORE_TRACEBACK", "0").lower() not in ("", "0", "false", "no")
+
+
+def _raised_by_our_check(error: BaseException) -> bool:
+    if isinstance(error, FileNotFoundError):
+        return error.filename is not None
+    if type(error) is not ValueError:  # subclasses (JSONDecodeError, UnicodeDecodeError) are not checks
+        return False
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    where = Path(frame.tb_frame.f_code.co_filename).resolve() if frame is not None else Path()
+    return any(where.is_relative_to(root) for root in (Path(__file__).resolve().parents[1], RECIPES_DIR))
 
 
 def did_you_mean(word: str, candidates: Iterable[str], listing: str = "") -> str:

@@ -107,10 +107,11 @@ def _raise_missing(node, path: str, source: str, deleting: bool = False) -> None
     keys = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
     hints = [did_you_mean(last, keys, listing="Keys here")]
     if isinstance(node, ListConfig):
-        hints.append(
-            f"The list has {len(node)} {'entry' if len(node) == 1 else 'entries'} (0 to {len(node) - 1})."
-        )
-    if not deleting:  # adding is the fix for a missing key, never for deleting one
+        n = len(node)
+        size = f"{n} {'entry' if n == 1 else 'entries'} (0 to {n - 1})" if n else "no entries"
+        parent = path.rsplit(".", 1)[0] if "." in path else path
+        hints.append(f"The list has {size}." + ("" if deleting else f" Append one with `+{parent}.{n}=...`."))
+    elif not deleting:  # adding is the fix for a missing key, never for deleting one
         hints.append(f"To add a new key, write `+{path}=...`.")
     raise ConfigError(source, path, "no such key in the config", " ".join(h for h in hints if h))
 

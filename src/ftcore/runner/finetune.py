@@ -127,15 +127,15 @@ class FinetuneSession:
         self, cfg: DictConfig, select_trainable, write_weights: WriteWeights, read_weights: ReadWeights
     ):
         self.cfg = cfg
+        if cfg.get("early_stopping_patience") is not None and cfg.get("dataset_val") is None:
+            raise ValueError(  # before the model is built: early stopping watches val_loss
+                "config key `early_stopping_patience` needs a `dataset_val`: early stopping watches val_loss; "
+                "add a dataset_val or set early_stopping_patience=null"
+            )
         self.parts = build_parts(cfg, select_trainable)
         self._write_weights, self._read_weights = write_weights, read_weights
         self._evaluators = [instantiate(node) for node in (cfg.get("evaluators") or ListConfig([]))]
         p = self.parts
-        if cfg.get("early_stopping_patience") is not None and p.val_loader is None:
-            raise ValueError(
-                "config key `early_stopping_patience` needs a `dataset_val`: early stopping watches val_loss; "
-                "add a dataset_val or set early_stopping_patience=null"
-            )
         has_eval = p.val_loader is not None or self._evaluators
         self.loop = TrainLoop(
             p.model,
@@ -158,7 +158,7 @@ class FinetuneSession:
     # ---- training -------------------------------------------------------------------------------
     def train(self) -> None:
         p = self.parts
-        self._maybe_resume()
+        run_setup(self._maybe_resume)  # a checkpoint that cannot be resumed: one line, as a setup error
         if (
             self.cfg.get("eval_before_training", False)
             and self.loop.evaluate
@@ -179,14 +179,14 @@ class FinetuneSession:
         except NonFiniteLossError:
             log.error("stopped on a non-finite loss; the last good checkpoint is in %s", p.output_dir)
             raise
-        except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on, not a traceback
+        except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on
             latest = find_latest_checkpoint(p.output_dir)
-            log.error(
+            (log.error if p.is_main else log.debug)(
                 "interrupted at step %d; %s", self.loop.progress.step,
                 f"the last complete checkpoint is {latest}: run the same command with "
                 "resume_from_checkpoint=true to continue from it" if latest else "no checkpoint was saved yet",
             )  # fmt: skip
-            raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it
+            raise  # the CLI ends it with status 130, without the traceback
         if (
             self.loop.evaluate
             and not self.loop.stopped_early
@@ -300,6 +300,9 @@ class FinetuneSession:
         """Optimizer, scheduler, RNG and progress from a checkpoint written by any number of ranks; the
         next lr then follows this run's schedule (the optimizer state holds the saved run's)."""
         p = self.parts
+        base_lrs = (
+            list(p.scheduler.base_lrs) if p.scheduler is not None else []
+        )  # this run's lr, before loading
         if (folder / DCP_DIR).is_dir():  # written by N ranks: DCP reshards for this run's ranks
             from ftcore.distributed.state import load_training_state as load_sharded_state
 
@@ -313,7 +316,7 @@ class FinetuneSession:
         else:
             progress = load_training_state(folder, optimizer=p.optimizer, scheduler=p.scheduler)
         if p.scheduler is not None:
-            follow_this_runs_schedule(p.scheduler, folder)
+            follow_this_runs_schedule(p.scheduler, folder, base_lrs, warn=p.is_main)
         return progress
 
     # ---- whole-model weights (full fine-tuning, merged LoRA export) ------------------------------

@@ -35,16 +35,22 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it: put it straight back
-    os.umask(mask)
+def _read_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back (once, at import,
+    os.umask(mask)  # before any thread of ours creates files)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def _with_default_mode(path: Path, mode: int) -> Path:
     # mkstemp / mkdtemp create 0600 / 0700 (private); a checkpoint should get the permissions any file
-    # or folder created here gets (e.g. 0644 / 0755 under umask 022), so others sharing the machine can read it.
-    os.chmod(path, mode & ~_umask())
+    # or folder created here gets (e.g. 0644 / 0755 under umask 022), so others sharing the machine can
+    # read it. The setgid bit a shared project folder passes down is kept; a filesystem that refuses
+    # chmod leaves the private mode, not a failed save.
+    with contextlib.suppress(OSError):
+        os.chmod(path, (path.stat().st_mode & 0o7000) | (mode & ~_UMASK))
     return path
 
 
@@ -139,7 +145,11 @@ def keep_last_n(output_dir: str | Path, n: int) -> list[Path]:
             if p.name.startswith(f"{kind}_") and is_complete_checkpoint(p)
         ]
         for path in of_kind[:-n]:
-            shutil.rmtree(path)
+            # Renamed first: a prune killed mid-delete leaves a temporary, which the sweep below removes,
+            # never a half-deleted checkpoint under its own name.
+            doomed = path.with_name(f"{TMP_PREFIX}pruned-{path.name}")
+            os.replace(path, doomed)
+            shutil.rmtree(doomed)
             deleted.append(path)
     for stale in output_dir.glob(f"{TMP_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -123,25 +124,33 @@ def load_training_state(
     return TrainingProgress(**state["progress"])
 
 
-def follow_this_runs_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, checkpoint_dir) -> None:
-    """Set the next step's lr from this run's schedule at the restored step.
+def follow_this_runs_schedule(
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    checkpoint_dir,
+    base_lrs: Sequence[float | torch.Tensor],
+    warn: bool = True,
+) -> None:
+    """After a resume, set the next step's lr from this run's schedule and lr (`base_lrs`, the
+    scheduler's before the checkpoint was loaded) at the restored step.
 
-    The optimizer state carries the lr the saved run's schedule gave its last step. A resumed run whose
-    schedule differs (a larger max_steps, another warmup) would train one step at that lr (0 at the end
-    of a finished cosine) before its own schedule took over. Unchanged, the same expression gives the
-    same float, so an exact resume stays exact. Only LambdaLR (ftcore's schedules) is re-derived."""
+    The optimizer state carries the lr the saved run's schedule gave its last step, and the scheduler
+    state the saved run's base lr. A resumed run whose schedule or lr differs (a larger max_steps,
+    another warmup, a new optimizer.lr) would train one step at the old lr (0 at the end of a finished
+    cosine) and keep the old base. Unchanged, the same expression gives the same float, so an exact
+    resume stays exact. Only LambdaLR (ftcore's schedules) is re-derived."""
     if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
         return
     step = scheduler.last_epoch
-    lrs = [base * factor(step) for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)]
+    lrs = [base * factor(step) for factor, base in zip(scheduler.lr_lambdas, base_lrs, strict=True)]
     groups = scheduler.optimizer.param_groups
-    if any(group["lr"] != lr for group, lr in zip(groups, lrs, strict=True)):
+    if warn and any(group["lr"] != lr for group, lr in zip(groups, lrs, strict=True)):
         log.warning(
-            "resuming from %s at step %d with a different lr schedule: the next lr is %.6g (this run's "
-            "schedule), not %.6g (the checkpoint's)", checkpoint_dir, step, lrs[0], groups[0]["lr"],
+            "resuming from %s at step %d with a different lr or schedule: the next lr is %.6g (this run's), "
+            "not %.6g (the checkpoint's)", checkpoint_dir, step, lrs[0], groups[0]["lr"],
         )  # fmt: skip
-    for group, lr in zip(groups, lrs, strict=True):
-        group["lr"] = lr
+    scheduler.base_lrs[:] = base_lrs
+    for group, base, lr in zip(groups, base_lrs, lrs, strict=True):
+        group["initial_lr"], group["lr"] = base, lr
     scheduler._last_lr = lrs  # what get_last_lr() reports (torch's own attribute)
 
 
