@@ -47,15 +47,19 @@ def _hf_to_meta_state(hf_state: dict, n_heads: int, n_kv_heads: int) -> dict:
     return meta
 
 
-def test_meta_checkpoint_loads_with_hf_logits_and_saves_identically(tmp_path):
+def _meta_checkpoint(tmp_path, params_json: str):
+    """An HF model and the same weights as a Meta checkpoint in tmp_path/meta: (hf model, meta state, sizes)."""
     hf_model = make_hf_model("llama3_1")
     hf_model.save_pretrained(tmp_path / "hf")
     meta_state = _hf_to_meta_state(hf_model.state_dict(), n_heads=4, n_kv_heads=2)
     (tmp_path / "meta").mkdir()
     torch.save(meta_state, tmp_path / "meta" / "consolidated.00.pth")
-    (tmp_path / "meta" / "params.json").write_text("{}")
+    (tmp_path / "meta" / "params.json").write_text(params_json)
+    return hf_model, meta_state, hf_model_sizes(read_hf_config(tmp_path / "hf"))
 
-    sizes = hf_model_sizes(read_hf_config(tmp_path / "hf"))
+
+def test_meta_checkpoint_loads_with_hf_logits_and_saves_identically(tmp_path):
+    hf_model, meta_state, sizes = _meta_checkpoint(tmp_path, "{}")
     with torch.device("meta"):
         model = M.transformer_decoder(**sizes)
     model.to_empty(device="cpu")
@@ -77,13 +81,7 @@ def test_a_recipe_saves_and_resumes_through_a_meta_checkpointer_without_head_cou
     # The recipes call checkpointer.save(state_dict, folder): the head counts come from params.json.
     from ftcore.runner.weights import load_model_weights, save_model_weights
 
-    hf_model = make_hf_model("llama3_1")
-    hf_model.save_pretrained(tmp_path / "hf")
-    meta_state = _hf_to_meta_state(hf_model.state_dict(), n_heads=4, n_kv_heads=2)
-    (tmp_path / "meta").mkdir()
-    torch.save(meta_state, tmp_path / "meta" / "consolidated.00.pth")
-    (tmp_path / "meta" / "params.json").write_text('{"n_heads": 4, "n_kv_heads": 2}')
-    sizes = hf_model_sizes(read_hf_config(tmp_path / "hf"))
+    _, meta_state, sizes = _meta_checkpoint(tmp_path, '{"n_heads": 4, "n_kv_heads": 2}')
     model = M.transformer_decoder(**sizes)
     M.MetaCheckpointer(str(tmp_path / "meta")).load_into(model)
 
