@@ -300,9 +300,8 @@ class FinetuneSession:
         """Optimizer, scheduler, RNG and progress from a checkpoint written by any number of ranks; the
         next lr then follows this run's schedule (the optimizer state holds the saved run's)."""
         p = self.parts
-        base_lrs = (
-            list(p.scheduler.base_lrs) if p.scheduler is not None else []
-        )  # this run's lr, before loading
+        # This run's lr, read before the checkpoint's scheduler state replaces it.
+        base_lrs = list(p.scheduler.base_lrs) if p.scheduler is not None else []
         if (folder / DCP_DIR).is_dir():  # written by N ranks: DCP reshards for this run's ranks
             from ftcore.distributed.state import load_training_state as load_sharded_state
 
