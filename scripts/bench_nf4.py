@@ -85,6 +85,14 @@ _L2_FLUSH = None
 _SLEEP_CYCLES_PER_MS = None
 
 
+def l2_flush_buffer() -> torch.Tensor:
+    """256 MiB that a call zeroes before each timed call, so no timed call finds its data in L2."""
+    global _L2_FLUSH
+    if _L2_FLUSH is None:
+        _L2_FLUSH = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    return _L2_FLUSH
+
+
 def sleep_cycles_per_ms() -> float:
     """GPU clock cycles of `torch.cuda._sleep` per millisecond, measured once."""
     global _SLEEP_CYCLES_PER_MS
@@ -117,9 +125,7 @@ def device_ms(fn, warmup: int = 5, iters: int = 20) -> float:
 
     The GPU sleeps for twice the call's host time (at least 0.1 ms) before the start event, so every launch
     of the call is queued before the GPU reaches it; a shorter sleep lets host time leak into the result."""
-    global _L2_FLUSH
-    if _L2_FLUSH is None:
-        _L2_FLUSH = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    flush = l2_flush_buffer()
     for _ in range(warmup):
         fn()
     sleep_cycles = int(max(0.1, 2 * host_ms(fn, iters=5) + 0.05) * sleep_cycles_per_ms())
@@ -127,7 +133,7 @@ def device_ms(fn, warmup: int = 5, iters: int = 20) -> float:
         (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
     ]
     for start, end in events:
-        _L2_FLUSH.zero_()
+        flush.zero_()
         torch.cuda._sleep(sleep_cycles)  # GPU time in which the host queues all of fn's launches
         start.record()
         fn()
@@ -141,15 +147,13 @@ def kernel_us(fn, calls: int = 30) -> float:
 
     An event pair around a call of ~10 us adds a few us of its own; the kernel's duration is what a
     fraction of the card's bandwidth is read off (nsys' and ncu's figure)."""
-    global _L2_FLUSH
-    if _L2_FLUSH is None:
-        _L2_FLUSH = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    flush = l2_flush_buffer()
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
-            _L2_FLUSH.zero_()
+            flush.zero_()
             fn()
         torch.cuda.synchronize()
     gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -164,9 +168,7 @@ def kernel_us(fn, calls: int = 30) -> float:
 @functools.lru_cache(maxsize=1)
 def copy_kernel_gbs() -> float:
     """The 2 GiB device copy's bandwidth by its kernel duration (bytes read + written)."""
-    src = torch.empty(2**30, dtype=torch.uint16, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * src.element_size() / kernel_us(lambda: dst.copy_(src), calls=5) / 1e3
+    return _copy_2gib_gbs(lambda copy: kernel_us(copy, calls=5) / 1e3)
 
 
 def loop_ms(fn, iters: int = 20) -> float:
@@ -213,11 +215,15 @@ def _is_sync_warning(message: str) -> bool:
 
 
 def hbm_bandwidth_gbs() -> float:
-    """Device-to-device copy of 2 GiB: bytes read + written per second."""
+    """Device-to-device copy of 2 GiB: bytes read + written per second (event-timed, as `device_ms`)."""
+    return _copy_2gib_gbs(device_ms)
+
+
+def _copy_2gib_gbs(time_ms) -> float:
+    """GB/s of a 2 GiB device-to-device copy (bytes read + written) timed by `time_ms(fn) -> ms`."""
     src = torch.empty(2**30, dtype=torch.uint16, device="cuda")
     dst = torch.empty_like(src)
-    ms = device_ms(lambda: dst.copy_(src))
-    return 2 * src.numel() * src.element_size() / ms / 1e6
+    return 2 * src.numel() * src.element_size() / time_ms(lambda: dst.copy_(src)) / 1e6
 
 
 def fwd_bwd(forward, x: torch.Tensor, grad: torch.Tensor):

@@ -109,7 +109,7 @@ def _raise_missing(node, path: str, source: str, deleting: bool = False) -> None
     if isinstance(node, ListConfig):
         n = len(node)
         size = f"{n} {'entry' if n == 1 else 'entries'} (0 to {n - 1})" if n else "no entries"
-        parent = path.rsplit(".", 1)[0] if "." in path else path
+        parent = path.rsplit(".", 1)[0]
         hints.append(f"The list has {size}." + ("" if deleting else f" Append one with `+{parent}.{n}=...`."))
     elif not deleting:  # adding is the fix for a missing key, never for deleting one
         hints.append(f"To add a new key, write `+{path}=...`.")
