@@ -133,3 +133,23 @@ def test_data_check_missing_module_says_so(monkeypatch, capsys):
     monkeypatch.setattr(commands.importlib.util, "find_spec", lambda name: None)
     assert main(["data", "check", "x"]) == 1
     assert "ftcore.data.check is missing" in capsys.readouterr().err
+
+
+def test_validate_warns_of_each_missing_input_path_once(tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("{}\n")
+    absent = tmp_path / "absent.gguf"
+    overrides = [
+        f"checkpoint_dir={tmp_path}",
+        f"model.path={absent}",
+        f"tokenizer.path={absent}",
+        f"checkpointer.path={absent}",
+        f"dataset.source={data}",
+        "dataset_val.source=org/hub_dataset",
+    ]
+    assert main(["validate", "lora_finetune", "--config", "stories/260K_lora", *overrides]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"warning: tokenizer.path, model.path, checkpointer.path: {absent} does not exist on this machine; "
+        "the run stops at setup unless it exists where it runs"
+    ]

@@ -10,7 +10,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ftcore import paths, registry
 from ftcore.cli.recipes import resolve_recipe, validate_for_recipe
@@ -23,6 +24,8 @@ from ftcore.config import (
     validate_config,
 )
 from ftcore.config.errors import did_you_mean
+from ftcore.config.input_paths import missing_input_paths
+from ftcore.paths import shown_path
 
 
 def cmd_ls(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -99,7 +102,24 @@ def cmd_validate(args: argparse.Namespace, overrides: list[str]) -> int:
         count = validate_for_recipe(cfg, resolve_recipe(recipe), source)
         note = f"checked against recipe {recipe}"
     print(f"Config OK: {source} ({count} components; {note})")
+    _warn_missing_inputs(cfg)
     return 0
+
+
+def _warn_missing_inputs(cfg: DictConfig) -> None:
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:  # an interpolation the run resolves later (validate passed it)
+        return
+    keys_by_path: dict[str, list[str]] = {}
+    for key, path in missing_input_paths(plain):  # type: ignore[arg-type]
+        keys_by_path.setdefault(path, []).append(key)
+    for path, keys in keys_by_path.items():
+        print(
+            f"warning: {', '.join(keys)}: {shown_path(path)} does not exist on this machine; "
+            "the run stops at setup unless it exists where it runs",
+            file=sys.stderr,
+        )
 
 
 def cmd_download(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -51,12 +51,24 @@ def read_examples(
     converted: list[tuple[str, Example] | None] = []
     for row in rows:
         try:
-            converted.append((row.where, to_example(apply_column_map(row.data, column_map))))
+            mapped = apply_column_map(row.data, column_map)
         except RowError as e:
             bad.append(BadRow(row.where, str(e)))
             converted.append(None)
+            continue
+        try:
+            converted.append((row.where, to_example(mapped)))
+        except RowError as e:
+            bad.append(BadRow(row.where, str(e) + _file_names_of(str(e), column_map)))
+            converted.append(None)
     chosen = [converted[i] for i in split_indices(len(rows), spec, seed)]
     return ReadResult([item for item in chosen if item is not None], bad, len(rows) + _unparsed(bad, rows))
+
+
+def _file_names_of(reason: str, column_map: dict[str, str] | None) -> str:
+    """The messages name ftcore's columns; after a rename, say which of the file's columns they are."""
+    named = [f"{expected!r} is your {in_file!r}" for expected, in_file in (column_map or {}).items() if repr(expected) in reason]
+    return f" (column_map: {', '.join(named)})" if named else ""
 
 
 def _unparsed(bad: list[BadRow], rows: list) -> int:
