@@ -66,3 +66,19 @@ def test_lora_on_stories260k_lowers_held_out_loss_and_merged_export_loads_in_tra
         expected = reference(tokens).logits
         actual = ours.eval()(tokens)
     assert (expected - actual).abs().max() < 1e-4
+    _merged_tokenizer_loads_in_transformers(merged, assets)
+
+
+def _merged_tokenizer_loads_in_transformers(merged, assets):
+    """The GGUF vocabulary is saved as tokenizer.model; transformers must tokenize real text as ftcore
+    does. (Not leading double spaces: transformers' SentencePiece conversion differs from sentencepiece
+    there, for Meta's Llama 2 tokenizer.model too.)"""
+    from transformers import AutoTokenizer
+
+    from ftcore.data.tokenizers.gguf import gguf_tokenizer
+
+    theirs = AutoTokenizer.from_pretrained(merged)
+    ours = gguf_tokenizer(str(assets / "models" / "stories260K.gguf"))
+    lines = (assets / "data" / "gsm8k_test.jsonl").read_text().splitlines()
+    for question in [json.loads(line)["question"] for line in lines[:200]]:
+        assert theirs(question)["input_ids"] == ours.encode(question, add_eos=False), question

@@ -67,7 +67,11 @@ def read_examples(
 
 def _file_names_of(reason: str, column_map: dict[str, str] | None) -> str:
     """The messages name ftcore's columns; after a rename, say which of the file's columns they are."""
-    named = [f"{expected!r} is your {in_file!r}" for expected, in_file in (column_map or {}).items() if repr(expected) in reason]
+    named = [
+        f"{expected!r} is your {in_file!r}"
+        for expected, in_file in (column_map or {}).items()
+        if repr(expected) in reason
+    ]
     return f" (column_map: {', '.join(named)})" if named else ""
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ftcore.data.tokenizers.gguf import gguf_tokenizer
+from ftcore.data.tokenizers.sentencepiece_model import sentencepiece_model_bytes, tokenizer_config_json
 from ftcore.models.builders import lora_transformer_decoder, transformer_decoder
 from ftcore.models.checkpoint_common import TensorLoader, interleaved_to_halves
 from ftcore.models.checkpoint_hf import hf_config_from_sizes, write_hf_checkpoint
@@ -170,9 +172,18 @@ class GGUFCheckpointer:
 
     def save(self, state_dict: dict[str, torch.Tensor], output_dir: str | None = None) -> Path:
         """GGUF is read-only here: fine-tuned weights are written in Hugging Face layout, with a
-        config.json derived from the GGUF metadata, so `transformers` (and llama.cpp's converter) read them."""
+        config.json derived from the GGUF metadata and the embedded vocabulary as a `tokenizer.model`,
+        so `transformers` (and llama.cpp's converter) read them."""
         target = output_dir if output_dir is not None else self.output_dir
         if target is None:
             raise ValueError("GGUFCheckpointer.save needs an output_dir (argument or constructor)")
         config = hf_config_from_sizes(gguf_model_sizes(self.path))
-        return write_hf_checkpoint(state_dict, Path(target), config)
+        return write_hf_checkpoint(state_dict, Path(target), config, extra_files=_tokenizer_files(self.path))
+
+
+def _tokenizer_files(path: Path) -> dict[str, bytes]:
+    tokenizer = gguf_tokenizer(str(path))
+    return {
+        "tokenizer.model": sentencepiece_model_bytes(tokenizer),
+        "tokenizer_config.json": tokenizer_config_json(tokenizer),
+    }

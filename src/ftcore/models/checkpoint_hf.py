@@ -179,8 +179,10 @@ def write_hf_checkpoint(
     config: dict,
     max_shard_size: int = 5 * 10**9,
     side_files_from: Path | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Atomically write an HF checkpoint folder: shards (+ index when several) and config.json."""
+    """Atomically write an HF checkpoint folder: shards (+ index when several), config.json, the
+    tokenizer files of `side_files_from` and `extra_files` ({name: content})."""
     shards = _plan_shards(state_dict, max_shard_size)
     with atomic_directory(target) as tmp:
         weight_map, total_size = {}, 0
@@ -203,6 +205,8 @@ def write_hf_checkpoint(
             source = cast(Path, side_files_from)  # the loop runs only when it is set
             if (source / side_file).is_file():
                 shutil.copy2(source / side_file, tmp / side_file)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_bytes(content)
     return target
 
 
