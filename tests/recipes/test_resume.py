@@ -85,7 +85,7 @@ def test_kill_9_then_resume_gives_identical_weights(tmp_path):
 
 
 def test_ctrl_c_names_the_checkpoint_to_resume_from_without_a_traceback(tmp_path):
-    run = _ftcore_run(tmp_path / "out")
+    run = _ftcore_run(tmp_path / "out", "epochs=1000", "max_steps=100000")  # still training at the signal
     _wait_for(tmp_path / "out" / "step_000004" / "training_state.json", run)
     run.send_signal(signal.SIGINT)
     stderr = run.communicate(timeout=120)[1]

@@ -173,9 +173,10 @@ class FinetuneSession:
             p.dtype,
             p.output_dir,
         )
-        try:
+        try:  # Ctrl-C during the final evaluation or save is reported like one mid-training
             with explain_oom({k: self.cfg.get(k) for k in OOM_REPORTED_KEYS}):
                 self.loop.run()
+            self._finish()
         except NonFiniteLossError:
             log.error("stopped on a non-finite loss; the last good checkpoint is in %s", p.output_dir)
             raise
@@ -187,6 +188,10 @@ class FinetuneSession:
                 "resume_from_checkpoint=true to continue from it" if latest else "no checkpoint was saved yet",
             )  # fmt: skip
             raise  # the CLI ends it with status 130, without the traceback
+
+    def _finish(self) -> None:
+        """The last evaluation and save, unless the loop's last step already did them; the plot."""
+        p = self.parts
         if (
             self.loop.evaluate
             and not self.loop.stopped_early
