@@ -61,7 +61,11 @@ class GenerateRecipe:
     def prompt_tokens(self) -> list[int]:
         if self.cfg.get("messages") is not None:
             messages = [Message(**m) for m in OmegaConf.to_container(self.cfg.messages, resolve=True)]
-            tokens, _ = self.tokenizer.tokenize_messages(messages, add_eos=False)
+            # A last assistant message is an answer to continue; otherwise the model answers the last turn.
+            answering = messages[-1].role != "assistant"
+            tokens, _ = self.tokenizer.tokenize_messages(
+                messages, add_eos=False, add_generation_prompt=answering
+            )
             return tokens
         return self.tokenizer.encode(self.cfg.prompt, add_bos=True, add_eos=False)
 

@@ -242,3 +242,10 @@ def test_bad_inputs_raise_clear_errors(assets, tmp_path):
     with pytest.raises(ValueError, match="id 2256 at position 1"):
         tok.decode([5, 2256])
     assert tok.decode([tok.bos_id, 72, tok.eos_id], skip_special_tokens=True) == tok.decode([72])
+
+
+def test_generation_prompt_closes_the_last_turn_even_without_eos(assets):
+    tok = ours(assets / "tokenizers" / "llama3_tokenizer.model")
+    messages = [Message("user", "Write a poem")]
+    closed, _ = tok.tokenize_messages(messages, add_eos=True, add_generation_prompt=True)
+    assert tok.tokenize_messages(messages, add_eos=False, add_generation_prompt=True)[0] == closed

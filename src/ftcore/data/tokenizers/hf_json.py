@@ -297,7 +297,7 @@ class HFTokenizer:
             # Special tokens cut the rendered text into pieces that HF tokenizes one by one, so
             # "{role}\n{content}" is one piece (a content that starts with "\n" merges with the "\n").
             ids = [self.im_start_id, *self.encode(f"{role}\n{body}", add_eos=False)]
-            if add_eos or index < len(turns) - 1:
+            if add_eos or add_generation_prompt or index < len(turns) - 1:  # the header follows a closed turn
                 ids += [self.im_end_id, *self.encode("\n", add_eos=False)]
             tokens += ids
             mask += [masked] * len(ids)

@@ -185,7 +185,9 @@ class Llama3Tokenizer:
         tokens, mask = [self.bos_id], [True]
         for index, message in enumerate(messages):
             is_last = index == len(messages) - 1
-            ids = self.tokenize_message(message, add_end_of_turn=add_eos or not is_last)
+            # the assistant header follows a closed turn, whatever add_eos says
+            closed = add_eos or add_generation_prompt or not is_last
+            ids = self.tokenize_message(message, add_end_of_turn=closed)
             tokens += ids
             mask += [message.masked] * len(ids)
         if add_generation_prompt:
