@@ -164,7 +164,7 @@ def test_resume_past_the_middle_of_an_epoch_continues_that_epoch(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override", ["max_steps=0", "gradient_accumulation_steps=0", "save_every_n_steps=-1"]
+    "override", ["max_steps=0", "gradient_accumulation_steps=0", "save_every_n_steps=-1", "batch_size=0"]
 )
 def test_schedule_keys_are_checked_before_anything_is_built(tmp_path, override):
     key = override.split("=")[0]

@@ -123,10 +123,13 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
 
     from ftcore.data.collate import padded_collate
 
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise ValueError(f"config key `batch_size` must be >= 1, got {cfg.batch_size}")
     with main_rank_first(sharded):
         tokenizer = instantiate(cfg.tokenizer)
         train_set = instantiate(cfg.dataset, tokenizer)
         val_set = instantiate(cfg.dataset_val, tokenizer) if cfg.get("dataset_val") is not None else None
+    _check_sft_items(train_set, cfg.dataset)
     batch_size = cfg.batch_size
     collate = functools.partial(padded_collate, pad_id=tokenizer.pad_id)
     shuffle = cfg.get("shuffle", True)
@@ -226,3 +229,12 @@ def _build_loss(cfg: DictConfig, device: torch.device, static_shapes: bool = Fal
         return loss(model, batch)
 
     return loss_fn
+
+
+def _check_sft_items(dataset, node) -> None:
+    """This recipe trains on token sequences; a preference dataset's (chosen, rejected) pairs are not."""
+    if len(dataset) and "tokens" not in dataset[0]:
+        raise ValueError(
+            f"dataset {node.get('_component_')} gives items with {sorted(dataset[0])}, not `tokens`: "
+            "this recipe fine-tunes on instruction, chat or text data (preference pairs need a DPO recipe)"
+        )
