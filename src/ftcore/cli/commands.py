@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from ftcore import paths, registry
 from ftcore.cli.recipes import resolve_recipe, validate_for_recipe
@@ -25,6 +24,7 @@ from ftcore.config import (
 )
 from ftcore.config.errors import did_you_mean
 from ftcore.config.input_paths import missing_input_paths
+from ftcore.config.instantiate import to_plain
 from ftcore.paths import shown_path
 
 
@@ -107,12 +107,8 @@ def cmd_validate(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _warn_missing_inputs(cfg: DictConfig) -> None:
-    try:
-        plain = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException:  # an interpolation the run resolves later (validate passed it)
-        return
     keys_by_path: dict[str, list[str]] = {}
-    for key, path in missing_input_paths(plain):  # type: ignore[arg-type]
+    for key, path in missing_input_paths(to_plain(cfg)):  # resolves: validation has just done so
         keys_by_path.setdefault(path, []).append(key)
     for path, keys in keys_by_path.items():
         print(

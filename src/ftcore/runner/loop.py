@@ -26,6 +26,7 @@ LossFn = Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], tuple[torch.Ten
 class LoopSettings:
     epochs: int = 1
     max_steps: int | None = None
+    batch_size: int = 1
     gradient_accumulation_steps: int = 1
     clip_grad_norm: float | None = None
     log_every_n_steps: int = 1
@@ -35,7 +36,7 @@ class LoopSettings:
 
     def __post_init__(self) -> None:
         """Config errors before any heavy work: counts are positive; `null` disables an optional one."""
-        for key in ("epochs", "gradient_accumulation_steps", "log_every_n_steps"):
+        for key in ("epochs", "batch_size", "gradient_accumulation_steps", "log_every_n_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config key `{key}` must be >= 1, got {getattr(self, key)}")
         for key in ("max_steps", "eval_every_n_steps", "save_every_n_steps", "early_stopping_patience"):

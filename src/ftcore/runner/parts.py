@@ -63,6 +63,7 @@ def loop_settings(cfg: DictConfig) -> LoopSettings:
     return LoopSettings(
         epochs=cfg.get("epochs", 1),
         max_steps=cfg.get("max_steps"),
+        batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.get("gradient_accumulation_steps", 1),
         clip_grad_norm=cfg.get("clip_grad_norm"),
         log_every_n_steps=cfg.get("log_every_n_steps", 1),
@@ -123,14 +124,12 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
 
     from ftcore.data.collate import padded_collate
 
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        raise ValueError(f"config key `batch_size` must be >= 1, got {cfg.batch_size}")
     with main_rank_first(sharded):
         tokenizer = instantiate(cfg.tokenizer)
         train_set = instantiate(cfg.dataset, tokenizer)
         val_set = instantiate(cfg.dataset_val, tokenizer) if cfg.get("dataset_val") is not None else None
     _check_sft_items(train_set, cfg.dataset)
-    batch_size = cfg.batch_size
+    batch_size = settings.batch_size
     collate = functools.partial(padded_collate, pad_id=tokenizer.pad_id)
     shuffle = cfg.get("shuffle", True)
     train_loader, train_sampler = build_loader(
