@@ -43,6 +43,23 @@ def test_lora_targets_only_the_named_projections():
     assert all(isinstance(m, LoRALinear) for m in (mlp.w1, mlp.w2, mlp.w3, model.output))
 
 
+def test_quantize_base_keeps_a_float_base_where_rows_are_no_multiple_of_the_nf4_block(caplog):
+    from ftcore.modules.lora import LoRALinear
+    from ftcore.modules.nf4 import NF4Linear
+
+    sizes = dict(vocab_size=32, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=172, max_seq_len=16)
+    with torch.device("meta"), caplog.at_level("WARNING", logger="ftcore"):
+        plain = M.transformer_decoder(quantize_base=True, **sizes)
+        lora = M.lora_transformer_decoder(["q_proj"], apply_lora_to_mlp=True, quantize_base=True, **sizes)
+    mlp = plain.layers[0].mlp
+    assert isinstance(mlp.w1, NF4Linear) and isinstance(mlp.w3, NF4Linear) and type(mlp.w2) is torch.nn.Linear
+    assert isinstance(plain.layers[0].attn.k_proj, NF4Linear)
+    w1, w2 = lora.layers[0].mlp.w1, lora.layers[0].mlp.w2
+    assert isinstance(w1, LoRALinear) and isinstance(w2, LoRALinear)
+    assert w1.quantize_base and not w2.quantize_base
+    assert "w2 (in_dim 172)" in caplog.text
+
+
 def test_lora_builder_rejects_bad_targets():
     with pytest.raises(ValueError, match="unknown entries.*'o_proj'"):
         M.lora_tiny_llama(["q_proj", "o_proj"])

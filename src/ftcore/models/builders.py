@@ -7,11 +7,14 @@ data and are bound to these two functions with `functools.partial`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+
+from ftcore.kernels.nf4_reference import NF4_BLOCK_SIZE
 
 from ftcore.models.transformer import (
     Attention,
@@ -24,6 +27,8 @@ from ftcore.models.transformer import (
 )
 
 LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
+
+log = logging.getLogger("ftcore")
 
 
 @dataclass(frozen=True)
@@ -86,9 +91,14 @@ def transformer_decoder(
     head_dim = head_dim if head_dim is not None else dim // n_heads
     targets = set(lora.attn_modules) if lora else set()
     mlp_lora = bool(lora and lora.apply_to_mlp)
+    kept_float: set[str] = set()
 
-    def proj(name: str, in_dim: int, out_dim: int, bias: bool = False) -> nn.Module:
-        return _linear(in_dim, out_dim, bias, name in targets, lora, quantize_base)
+    def proj(name: str, in_dim: int, out_dim: int, use_lora: bool, bias: bool = False) -> nn.Module:
+        # NF4 blocks of 64 run along a row; a row of another length keeps its frozen base in float
+        quantize = quantize_base and in_dim % NF4_BLOCK_SIZE == 0
+        if quantize_base and not quantize:
+            kept_float.add(f"{name} (in_dim {in_dim})")
+        return _linear(in_dim, out_dim, bias, use_lora, lora, quantize)
 
     layers = []
     for _ in range(n_layers):
@@ -96,18 +106,25 @@ def transformer_decoder(
             n_heads=n_heads,
             n_kv_heads=n_kv_heads,
             head_dim=head_dim,
-            q_proj=proj("q_proj", dim, n_heads * head_dim, qkv_bias),
-            k_proj=proj("k_proj", dim, n_kv_heads * head_dim, qkv_bias),
-            v_proj=proj("v_proj", dim, n_kv_heads * head_dim, qkv_bias),
-            output_proj=proj("output_proj", n_heads * head_dim, dim),
+            q_proj=proj("q_proj", dim, n_heads * head_dim, "q_proj" in targets, qkv_bias),
+            k_proj=proj("k_proj", dim, n_kv_heads * head_dim, "k_proj" in targets, qkv_bias),
+            v_proj=proj("v_proj", dim, n_kv_heads * head_dim, "v_proj" in targets, qkv_bias),
+            output_proj=proj("output_proj", n_heads * head_dim, dim, "output_proj" in targets),
             rope=RotaryEmbedding(head_dim, rope_base, rope_scaling),
         )
         mlp = FeedForward(
-            w1=_linear(dim, hidden_dim, False, mlp_lora, lora, quantize_base),
-            w2=_linear(hidden_dim, dim, False, mlp_lora, lora, quantize_base),
-            w3=_linear(dim, hidden_dim, False, mlp_lora, lora, quantize_base),
+            w1=proj("w1", dim, hidden_dim, mlp_lora),
+            w2=proj("w2", hidden_dim, dim, mlp_lora),
+            w3=proj("w3", dim, hidden_dim, mlp_lora),
         )
         layers.append(TransformerBlock(attn, mlp, RMSNorm(dim, norm_eps), RMSNorm(dim, norm_eps)))
+    if kept_float:
+        log.warning(
+            "quantize_base: NF4 needs rows of a multiple of %d weights; the frozen base of %s stays in floating "
+            "point in every block (the other projections are NF4)",
+            NF4_BLOCK_SIZE,
+            ", ".join(sorted(kept_float)),
+        )
 
     output = None
     if not tie_embeddings:
