@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ftcore.data.tokenizers.gguf import gguf_tokenizer
+from ftcore.data.tokenizers.gguf import gguf_tokenizer, open_gguf
 from ftcore.data.tokenizers.sentencepiece_model import sentencepiece_model_bytes, tokenizer_config_json
 from ftcore.models.builders import lora_transformer_decoder, transformer_decoder
 from ftcore.models.checkpoint_common import TensorLoader, interleaved_to_halves
@@ -38,13 +38,7 @@ _FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def _reader(path: str | Path):
-    import gguf  # imported lazily: only GGUF users need the package
-
-    if not Path(path).is_file():
-        raise ValueError(
-            f"GGUF file {shown_path(path)} not found; set checkpoint_path to an existing .gguf file"
-        )
-    return gguf.GGUFReader(str(path))
+    return open_gguf(path, "the checkpoint or model path")
 
 
 def gguf_to_ftcore(name: str) -> str:

@@ -121,15 +121,24 @@ def _message_field(message, name: str, default=None):
     return getattr(message, name, default)
 
 
-def gguf_tokenizer(path: str) -> GGUFTokenizer:
-    """Read the tokenizer embedded in a GGUF file."""
-    import gguf
+def open_gguf(path: str | Path, setting: str):
+    """A `gguf.GGUFReader` on `path`, or one line naming the file and `setting` (the key that points at it)."""
+    import gguf  # imported lazily: only GGUF users need the package
 
     if not Path(path).is_file():
+        raise ValueError(f"GGUF file {shown_path(path)} not found; set {setting} to an existing .gguf file")
+    try:
+        return gguf.GGUFReader(str(path))
+    except ValueError as error:  # the reader's own words: "GGUF magic invalid", a reshape of a cut-off tensor
         raise ValueError(
-            f"GGUF file {shown_path(path)} not found; set the tokenizer path to an existing .gguf file"
-        )
-    reader = gguf.GGUFReader(str(path))
+            f"{shown_path(path)} is not a readable GGUF file ({error}): it may be another format or cut off "
+            f"by an incomplete download; set {setting} to a whole .gguf file"
+        ) from None
+
+
+def gguf_tokenizer(path: str) -> GGUFTokenizer:
+    """Read the tokenizer embedded in a GGUF file."""
+    reader = open_gguf(path, "the tokenizer path")
 
     def field(key, default=None):
         value = reader.fields.get(key)
