@@ -15,7 +15,6 @@ from typing import Any
 from torch import nn
 
 from ftcore.kernels.nf4_reference import NF4_BLOCK_SIZE
-
 from ftcore.models.transformer import (
     Attention,
     FeedForward,

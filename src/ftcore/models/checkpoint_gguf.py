@@ -19,7 +19,6 @@ from ftcore.models.builders import lora_transformer_decoder, transformer_decoder
 from ftcore.models.checkpoint_common import TensorLoader, interleaved_to_halves
 from ftcore.models.checkpoint_hf import hf_config_from_sizes, write_hf_checkpoint
 from ftcore.models.transformer import TransformerDecoder, reset_buffers
-from ftcore.paths import shown_path
 
 _TOP_LEVEL = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
 _IN_BLOCK = {
