@@ -49,3 +49,14 @@ def test_tokenizer_config_names_the_special_pieces(stories_vocab):
     config = json.loads(tokenizer_config_json(stories_vocab))
     assert (config["bos_token"], config["eos_token"], config["unk_token"]) == ("<s>", "</s>", "<unk>")
     assert config["tokenizer_class"] == "LlamaTokenizer"
+
+
+def test_long_answers_tokenize_as_sentencepiece_does(stories_vocab, assets):
+    # dpo_en_demo's answers run to thousands of characters: the merge order over long inputs (a heap of
+    # candidate pairs) must still be SentencePiece's, highest score first and leftmost among equals.
+    processor = spm.SentencePieceProcessor(model_proto=sentencepiece_model_bytes(stories_vocab))
+    rows = json.loads((assets / "data" / "dpo_en_demo.json").read_text())
+    answers = [row[side]["value"] for row in rows[:60] for side in ("chosen", "rejected")]
+    assert max(len(a) for a in answers) > 3000
+    for answer in answers:
+        assert stories_vocab.encode(answer, add_bos=False, add_eos=False) == processor.encode(answer)

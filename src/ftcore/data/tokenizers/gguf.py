@@ -8,6 +8,7 @@ score is merged, leftmost first, until no merge applies.
 
 from __future__ import annotations
 
+import heapq
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,15 +69,39 @@ class GGUFTokenizer:
         return ids
 
     def _merge_pieces(self, ids: list[int]) -> list[int]:
-        while True:
-            best_score, best_index, best_id = None, -1, -1
-            for i in range(len(ids) - 1):
-                merged = self.piece_to_id.get(self.pieces[ids[i]] + self.pieces[ids[i + 1]])
-                if merged is not None and (best_score is None or self.scores[merged] > best_score):
-                    best_score, best_index, best_id = self.scores[merged], i, merged
-            if best_score is None:
-                return ids
-            ids[best_index : best_index + 2] = [best_id]
+        """Merge the best-scoring adjacent pair, leftmost first, until none merges. A heap of candidate
+        pairs over a linked list of symbols: O(n log n), where rescanning every pair per merge took seconds
+        on a 1,500-character answer. A popped pair whose symbols have changed since is stale and skipped."""
+        count = len(ids)
+        text = [self.pieces[i] for i in ids]
+        following = list(range(1, count)) + [-1]
+        preceding = list(range(-1, count - 1))
+        alive = [True] * count
+        candidates: list[tuple[float, int, str, str, int]] = []
+
+        def consider(left: int) -> None:
+            right = following[left]
+            if right == -1:
+                return
+            merged = self.piece_to_id.get(text[left] + text[right])
+            if merged is not None:  # highest score first; among equals the leftmost (smallest index)
+                heapq.heappush(candidates, (-self.scores[merged], left, text[left], text[right], merged))
+
+        for index in range(count - 1):
+            consider(index)
+        while candidates:
+            _, left, left_text, right_text, merged = heapq.heappop(candidates)
+            right = following[left]
+            if not alive[left] or right == -1 or text[left] != left_text or text[right] != right_text:
+                continue
+            text[left], ids[left], alive[right] = left_text + right_text, merged, False
+            following[left] = following[right]
+            if following[right] != -1:
+                preceding[following[right]] = left
+            if preceding[left] != -1:
+                consider(preceding[left])
+            consider(left)
+        return [token for token, kept in zip(ids, alive) if kept]
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]:
         ids = []
