@@ -85,3 +85,13 @@ def test_a_value_the_recipe_setup_refuses_ends_in_one_line_with_exit_2(tmp_path)
     assert "Traceback" not in result.stderr
     traced = ftcore(*args, env={"FTCORE_TRACEBACK": "1"})
     assert traced.returncode == 1 and "Traceback" in traced.stderr and "must be >= 1 or null" in traced.stderr
+
+
+def test_output_into_a_closed_pipe_ends_quietly_with_141():
+    """`ftcore ls | head -0`: the reader is gone before the first write; no traceback, no
+    'Exception ignored' at exit, and the status a shell gives a program stopped by SIGPIPE."""
+    command = [sys.executable, "-c", "import sys; from ftcore.cli.main import main; sys.exit(main())", "ls"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # long before the child has imported torch and printed anything
+    stderr = process.communicate(timeout=120)[1].decode()
+    assert process.returncode == 141 and stderr == "", stderr

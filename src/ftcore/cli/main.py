@@ -6,6 +6,7 @@ Config errors print one line to stderr and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ftcore.cli.commands import cmd_cat, cmd_cp, cmd_data, cmd_download, cmd_ls, cmd_validate
@@ -86,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     try:
-        return args.handler(args, overrides)
+        status = args.handler(args, overrides)
+        sys.stdout.flush()  # here, so a closed pipe is caught below rather than at interpreter exit
+        return status
+    except BrokenPipeError:  # `ftcore ls | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 141  # 128 + SIGPIPE, as a shell reports a program that a closed pipe stopped
     except ConfigError as exc:
         print(f"ftcore: error: {exc}", file=sys.stderr)
         return 2
