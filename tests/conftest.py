@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,3 +19,10 @@ def assets() -> Path:
     if not SHARED_ASSETS.is_dir():
         pytest.skip(f"real test assets not found at {SHARED_ASSETS} (a fresh clone has no ../shared)")
     return SHARED_ASSETS
+
+
+@pytest.fixture
+def gsm8k_questions(assets) -> list[str]:
+    """The questions of the real GSM8K test split: varied English prose for tokenizer comparisons."""
+    lines = (assets / "data" / "gsm8k_test.jsonl").read_text().splitlines()
+    return [json.loads(line)["question"] for line in lines]

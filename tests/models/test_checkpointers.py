@@ -160,3 +160,24 @@ def test_lora_and_qlora_models_load_base_weights(hf_dir):
             original = hf_state[ftcore_to_hf(name + ".weight")]
             relative_error = (dequantized.float() - original).norm() / original.norm()
             assert relative_error < 0.15, (name, relative_error)
+
+
+def test_saved_hf_folder_carries_the_bases_tokenizer_files(tmp_path, assets):
+    """A merged_model/ export generates with its base's config: Llama 3 repositories keep Meta's tokenizer
+    in original/tokenizer.model (where the shipped generate configs read it) beside tokenizer.json."""
+    from ftcore.data.tokenizers import Llama3Tokenizer
+
+    hf_model = make_hf_model("llama3_1")
+    hf_model.save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "original").mkdir()
+    real = (assets / "tokenizers" / "llama3_tokenizer.model").read_bytes()
+    (tmp_path / "base" / "original" / "tokenizer.model").write_bytes(real)
+    (tmp_path / "base" / "tokenizer.json").write_text("{}")
+    checkpointer = M.HFCheckpointer(str(tmp_path / "base"))
+    model = load_ftcore(tmp_path / "base")
+    checkpointer.save(model.state_dict(), str(tmp_path / "merged"))
+    assert (tmp_path / "merged" / "original" / "tokenizer.model").read_bytes() == real
+    assert (tmp_path / "merged" / "tokenizer.json").read_text() == "{}"
+    assert Llama3Tokenizer(str(tmp_path / "merged" / "original" / "tokenizer.model")).encode(
+        "Hello world", add_bos=False, add_eos=False
+    ) == [9906, 1917]  # the ids Meta's tokenizer gives (assets README)

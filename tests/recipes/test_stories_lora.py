@@ -10,6 +10,7 @@ import subprocess
 
 import torch
 
+from ftcore.config import apply_overrides, load_config
 from ftcore.paths import PROJECT_ROOT
 from tests.recipes.helpers import ftcore_run_command
 
@@ -44,7 +45,9 @@ def _run(output_dir, *overrides):
     return [row["val_loss"] for row in rows if "val_loss" in row]
 
 
-def test_lora_on_stories260k_lowers_held_out_loss_and_merged_export_loads_in_transformers(assets, tmp_path):
+def test_lora_on_stories260k_lowers_held_out_loss_and_merged_export_loads_in_transformers(
+    assets, gsm8k_questions, tmp_path
+):
     # lr=0 keeps B = 0, so this measures the pretrained model itself on the held-out split.
     base_val_loss = _run(
         tmp_path / "base", "max_steps=1", "optimizer.lr=0.0", "~lr_scheduler", "save_merged_model=false"
@@ -66,10 +69,27 @@ def test_lora_on_stories260k_lowers_held_out_loss_and_merged_export_loads_in_tra
         expected = reference(tokens).logits
         actual = ours.eval()(tokens)
     assert (expected - actual).abs().max() < 1e-4
-    _merged_tokenizer_loads_in_transformers(merged, assets)
+    _merged_tokenizer_loads_in_transformers(merged, assets, gsm8k_questions)
+    _generate_config_reads_the_export_as_transformers_does(merged, reference)
 
 
-def _merged_tokenizer_loads_in_transformers(merged, assets):
+def _generate_config_reads_the_export_as_transformers_does(merged, reference):
+    """`ftcore run generate --config generate/stories260K_merged` on the export: the greedy continuation
+    equals transformers' own greedy `generate` on the same folder."""
+    from tests.recipes.helpers import load_recipe_module
+
+    cfg = apply_overrides(
+        load_config("generate/stories260K_merged"), [f"checkpoint_dir={merged}", "max_new_tokens=30"]
+    )
+    recipe = load_recipe_module("generate").GenerateRecipe(cfg)
+    recipe.setup()
+    prompt = recipe.prompt_tokens()
+    with torch.no_grad():
+        theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False)
+    assert recipe.generate() == recipe.tokenizer.decode(theirs[0].tolist())
+
+
+def _merged_tokenizer_loads_in_transformers(merged, assets, gsm8k_questions):
     """The GGUF vocabulary is saved as tokenizer.model; transformers must tokenize real text as ftcore
     does. (Not leading double spaces: transformers' SentencePiece conversion differs from sentencepiece
     there, for Meta's Llama 2 tokenizer.model too.)"""
@@ -79,8 +99,7 @@ def _merged_tokenizer_loads_in_transformers(merged, assets):
 
     theirs = AutoTokenizer.from_pretrained(merged)
     ours = gguf_tokenizer(str(assets / "models" / "stories260K.gguf"))
-    lines = (assets / "data" / "gsm8k_test.jsonl").read_text().splitlines()
-    for question in [json.loads(line)["question"] for line in lines[:200]]:
+    for question in gsm8k_questions[:200]:
         assert theirs(question)["input_ids"] == ours.encode(question, add_eos=False), question
 
 

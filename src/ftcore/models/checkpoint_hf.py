@@ -32,6 +32,9 @@ _SIDE_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
+    # Meta's tokenizer file that Llama 3 repositories carry (Llama3Tokenizer reads it; the shipped
+    # generate configs point at it), so an exported merged_model/ generates with the base's config
+    "original/tokenizer.model",
 )
 _SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -204,6 +207,7 @@ def write_hf_checkpoint(
         for side_file in _SIDE_FILES if side_files_from is not None else ():
             source = cast(Path, side_files_from)  # the loop runs only when it is set
             if (source / side_file).is_file():
+                (tmp / side_file).parent.mkdir(exist_ok=True)
                 shutil.copy2(source / side_file, tmp / side_file)
         for name, content in (extra_files or {}).items():
             (tmp / name).write_bytes(content)

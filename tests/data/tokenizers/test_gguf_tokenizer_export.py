@@ -20,12 +20,7 @@ def stories_vocab(assets):
     return gguf_tokenizer(str(assets / "models" / "stories260K.gguf"))
 
 
-def gsm8k_questions(assets) -> list[str]:
-    lines = (assets / "data" / "gsm8k_test.jsonl").read_text().splitlines()
-    return [json.loads(line)["question"] for line in lines]
-
-
-def test_sentencepiece_reads_the_written_model_and_tokenizes_as_ftcore(stories_vocab, assets):
+def test_sentencepiece_reads_the_written_model_and_tokenizes_as_ftcore(stories_vocab, gsm8k_questions):
     processor = spm.SentencePieceProcessor(model_proto=sentencepiece_model_bytes(stories_vocab))
     assert (processor.vocab_size(), processor.bos_id(), processor.eos_id(), processor.unk_id()) == (
         512,
@@ -34,7 +29,7 @@ def test_sentencepiece_reads_the_written_model_and_tokenizes_as_ftcore(stories_v
         0,
     )
     assert [processor.id_to_piece(i) for i in range(512)] == stories_vocab.pieces
-    texts = gsm8k_questions(assets) + EDGE_CASES
+    texts = gsm8k_questions + EDGE_CASES
     differing = [
         t for t in texts if processor.encode(t) != stories_vocab.encode(t, add_bos=False, add_eos=False)
     ]
