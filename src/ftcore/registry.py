@@ -43,6 +43,12 @@ RECIPES: tuple[RecipeEntry, ...] = (
         ("*/*_lora.yaml", "*/*_qlora.yaml", "*/*_dora.yaml"),
         aliases=("lora_finetune_single_device", "lora_finetune_distributed", "qlora_finetune"),
     ),
+    RecipeEntry(
+        "lora_dpo",
+        "lora_dpo.py",
+        ("*/*_lora_dpo.yaml", "*/*_qlora_dpo.yaml"),
+        aliases=("lora_dpo_single_device", "lora_dpo_distributed"),
+    ),
     RecipeEntry("generate", "generate.py", ("generate/*.yaml",)),
 )
 

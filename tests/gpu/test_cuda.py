@@ -107,3 +107,30 @@ def test_lora_recipe_learns_on_cuda_in_bf16_with_checkpointing(tmp_path, quantiz
     # seen on an H100: 3.93 -> 2.91 in 64 steps (QLoRA); a frozen random base learns slowly at first
     assert losses[-1] < losses[0] - 0.5, losses
     assert [row["peak_memory_gib"] for row in rows if "peak_memory_gib" in row][-1] > 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["enable_activation_checkpointing=true"], ["model.quantize_base=true", "compile=true"]],
+    ids=["lora_checkpointed", "qlora_compiled"],
+)
+def test_dpo_recipe_on_cuda_in_bf16_ranks_held_out_chosen_answers_higher(assets, tmp_path, options):
+    """The CPU test's criteria (tests/recipes/test_stories_dpo.py) in bf16 on CUDA: every pair ties at
+    log 2 before training (policy = reference), and held-out pairs end up preferring the chosen answer."""
+    cfg = apply_overrides(
+        load_config("stories/260K_lora_dpo"),
+        [f"output_dir={tmp_path}", f"checkpoint_dir={assets}", "device=cuda", "dtype=bf16",
+         "plot_loss_curve=false", *options],
+    )  # fmt: skip
+    _recipe("lora_dpo").recipe_main(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [row for row in rows if "val_loss" in row]
+    assert evaluations[0]["step"] == 0 and abs(evaluations[0]["val_loss"] - 0.693147) < 2e-3, evaluations[0]
+    # Seen on an H200: held-out loss 0.658 (LoRA, checkpointed) and 0.611 (QLoRA, compiled), accuracy 0.81
+    # both, margin +0.52 and +0.62. The compiled run's step 0 is 0.6934, not log 2 exactly: its graphs
+    # with and without the adapters round bf16 differently. (At lr 1e-3 the held-out loss rose to 0.715.)
+    end = evaluations[-1]
+    assert (
+        end["val_loss"] < 0.6731 and end["val_rewards_accuracy"] > 0.6 and end["val_rewards_margin"] > 0.2
+    ), end
+    assert [row["loss"] for row in rows if "rewards_accuracy" in row][-1] < 0.3  # the training pairs fitted

@@ -121,7 +121,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path):
         )
     )
     recipe.setup()
-    real_write = recipe._write_weights
+    real_write = recipe.session._write_weights
 
     def write_then_die(folder):
         if "step_000004" in str(folder) or recipe.session.loop.progress.step == 4:

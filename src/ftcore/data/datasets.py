@@ -13,6 +13,7 @@ how many rows it emptied of trained tokens (`dataset.dropped_rows`, also logged)
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -27,6 +28,8 @@ from ftcore.data.pipeline import (
     report_counts,
     tokenize_row,
 )
+
+log = logging.getLogger("ftcore")
 
 
 class TokenizedDataset(Dataset):
@@ -178,13 +181,16 @@ def preference_dataset(
         source, convert, split=split, seed=seed, data_files=data_files, column_map=_plain(column_map)
     )
     raise_or_skip(result.bad_rows, skip_bad_rows, source)
-    samples, truncated, dropped = [], 0, 0
+    samples, truncated, dropped, alike = [], 0, 0, []
     for where, (chosen_messages, rejected_messages) in result.examples:
         chosen = tokenize_row(tokenizer, chosen_messages, max_seq_len, where)
         rejected = tokenize_row(tokenizer, rejected_messages, max_seq_len, where)
         truncated += chosen.full_length > len(chosen.tokens) or rejected.full_length > len(rejected.tokens)
         if chosen.trained_tokens == 0 or rejected.trained_tokens == 0:
             dropped += 1  # a pair is only useful while both answers keep trained tokens
+            continue
+        if chosen.tokens == rejected.tokens:  # answers alike up to max_seq_len: loss log 2, no gradient
+            alike.append(where)
             continue
         samples.append(
             {
@@ -195,8 +201,16 @@ def preference_dataset(
             }
         )
     report_counts(source, len(samples), truncated, dropped)
+    if alike:
+        log.warning(
+            "%s: dropped %d pair(s) whose chosen and rejected answers are the same tokens up to max_seq_len "
+            "(first: %s); raise max_seq_len to tell them apart", source, len(alike), alike[0],
+        )  # fmt: skip
     return TokenizedDataset(
-        samples, skipped_rows=len(result.bad_rows), dropped_rows=dropped, truncated_rows=truncated
+        samples,
+        skipped_rows=len(result.bad_rows),
+        dropped_rows=dropped + len(alike),
+        truncated_rows=truncated,
     )
 
 

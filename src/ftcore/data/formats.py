@@ -89,7 +89,18 @@ def preference_to_messages(
                 f"'{name}' must end with an assistant answer, it ends with a {conversation[-1].role} turn"
             )
         _check_order(conversation, name)
-    return mask_messages(chosen, train_on_input), mask_messages(rejected, train_on_input)
+    return _train_on_answer(chosen, train_on_input), _train_on_answer(rejected, train_on_input)
+
+
+def _train_on_answer(messages: list[Message], train_on_input: bool) -> list[Message]:
+    """Train on the final answer only, or on every turn with `train_on_input`. Earlier assistant turns are
+    prompt: DPO compares the two answers, and shared turns would keep a pair whose answers were cut off
+    by max_seq_len looking trainable while its chosen and rejected sequences are the same tokens."""
+    last = len(messages) - 1
+    return [
+        Message(m.role, m.content, masked=index < last and not train_on_input)
+        for index, m in enumerate(messages)
+    ]
 
 
 def mask_messages(messages: list[Message], train_on_input: bool) -> list[Message]:

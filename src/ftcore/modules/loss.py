@@ -136,3 +136,59 @@ def chunked_cross_entropy_sum(
         else:
             loss_sum = loss_sum + _chunk_loss_sum(*args)
     return loss_sum, trained.sum()
+
+
+def logits_sequence_log_probs(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """logits (B, T, V), unshifted labels (B, T) -> per sequence, the fp32 sum of log p(label): (B,)."""
+    _check_shapes(logits, labels, "logits")
+    shifted_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+    losses = F.cross_entropy(
+        shifted_logits, labels[:, 1:].reshape(-1), ignore_index=ignore_index, reduction="none"
+    )
+    return -losses.view(labels.shape[0], -1).sum(dim=1)
+
+
+def _chunk_token_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    logits = (hidden @ weight.T).float()  # (chunk, V)
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")  # 0 where ignored
+
+
+def sequence_log_probs(
+    hidden: torch.Tensor,
+    output_weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Per sequence, the fp32 sum of log p(label) over its trained positions: (B,), for DPO.
+
+    hidden (B, T, D) final-normed states, output_weight (V, D), labels (B, T) unshifted. As in
+    `chunked_cross_entropy_sum`, `chunk_size` tokens are projected at a time and, under autograd, each
+    chunk's logits are recomputed in the backward rather than kept."""
+    _check_shapes(hidden, labels, "hidden states")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    batch, length = labels.shape
+    shifted_hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))  # (B*(T-1), D)
+    shifted_labels = labels[:, 1:].reshape(-1)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or output_weight.requires_grad)
+    losses = []
+    for start in range(0, shifted_labels.numel(), chunk_size):
+        args = (
+            shifted_hidden[start : start + chunk_size],
+            output_weight,
+            shifted_labels[start : start + chunk_size],
+        )
+        if needs_grad:
+            losses.append(
+                checkpoint(
+                    _chunk_token_losses, *args, ignore_index, use_reentrant=False, preserve_rng_state=False
+                )
+            )
+        else:
+            losses.append(_chunk_token_losses(*args, ignore_index))
+    if not losses:  # sequences of one token: nothing is predicted
+        return hidden.new_zeros(batch, dtype=torch.float32) + 0.0 * hidden.sum()
+    return -torch.cat(losses).view(batch, length - 1).sum(dim=1)

@@ -152,6 +152,8 @@ class FinetuneSession:
             is_main=p.is_main,
             seed=cfg.get("seed", 0),
             micro_step=p.micro_step,
+            count_units=getattr(p.loss, "count_units", None),
+            loss_metrics=getattr(p.loss, "pop_metrics", None),
         )
         self._last_saved_step = -1
 
@@ -219,6 +221,8 @@ class FinetuneSession:
             if dist.is_initialized():
                 dist.all_reduce(total)
             metrics["val_loss"] = float(total[0] / total[1].clamp(min=1))
+            if hasattr(p.loss, "pop_metrics"):  # e.g. DPO's rewards over the validation pairs
+                metrics.update({f"val_{name}": value for name, value in p.loss.pop_metrics().items()})
         for evaluator in self._evaluators:
             metrics.update(evaluator(p.model, p.tokenizer))
         if p.sharded:

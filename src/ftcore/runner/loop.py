@@ -81,8 +81,12 @@ class TrainLoop:
         is_main: bool = True,
         seed: int = 0,
         micro_step: MicroStep | None = None,
+        count_units: Callable[[Mapping[str, torch.Tensor]], int] | None = None,
+        loss_metrics: Callable[[], dict] | None = None,
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        # What the loss is averaged over (None: trained tokens; DPO: pairs), and the loss's own step metrics.
+        self.count_units, self.loss_metrics = count_units, loss_metrics
         self.loader, self.sampler, self.loss_fn = loader, sampler, loss_fn
         # How one micro-batch runs: eager, or replayed from a CUDA graph (`cuda_graphs`).
         self.micro_step = micro_step or eager_micro_step(lambda batch: self.loss_fn(self.model, batch))
@@ -137,7 +141,10 @@ class TrainLoop:
         micro = [next(batches) for _ in range(s.gradient_accumulation_steps)]
         local_tokens = sum(count_trained_tokens(b["labels"]) for b in micro)
         total_tokens = int(_all_reduce_sum(float(local_tokens), self.device))
-        step = accumulate_gradients(micro, self.micro_step, total_tokens=total_tokens)
+        units = total_tokens
+        if self.count_units is not None:
+            units = int(_all_reduce_sum(float(sum(self.count_units(b) for b in micro)), self.device))
+        step = accumulate_gradients(micro, self.micro_step, total_tokens=units)
         # Each rank's loss is its share of the global mean; their sum is the global mean.
         loss = _all_reduce_sum(step.loss, self.device)
         check_finite(loss, p.step + 1)
@@ -150,7 +157,14 @@ class TrainLoop:
         p.step += 1
         p.batches_in_epoch += s.gradient_accumulation_steps
         # All ranks' tokens, as the loss is all ranks' mean: tokens_per_second is the run's, not one GPU's.
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "num_tokens": total_tokens, "epoch": p.epoch}
+        metrics = {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "num_tokens": total_tokens,
+            "epoch": p.epoch,
+        }
+        return metrics | (self.loss_metrics() if self.loss_metrics else {})
 
     def _grad_norm(self) -> float:
         """The global gradient norm before clipping (gradients are clipped to `clip_grad_norm` when set).

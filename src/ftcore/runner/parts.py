@@ -51,6 +51,8 @@ class RunParts:
     logger: MetricLogger
     loss_fn: Callable
     settings: LoopSettings
+    # the config's loss object: `pairs` (preference pairs, averaged per pair), `count_units`, `pop_metrics`
+    loss: object = None
     # None: eager; else the `cuda_graphs` step (ftcore.training.cuda_graphs)
     micro_step: Callable | None = None
 
@@ -122,15 +124,21 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    from ftcore.data.collate import padded_collate
+    from ftcore.data.collate import padded_collate, preference_collate
 
+    loss = _build_loss(cfg)
+    pairs = getattr(loss, "pairs", False)
+    if pairs and cfg.get("cuda_graphs", False):
+        raise ValueError("cuda_graphs: a preference loss (DPO) runs eagerly; set cuda_graphs=false")
     with main_rank_first(sharded):
         tokenizer = instantiate(cfg.tokenizer)
         train_set = instantiate(cfg.dataset, tokenizer)
         val_set = instantiate(cfg.dataset_val, tokenizer) if cfg.get("dataset_val") is not None else None
-    _check_sft_items(train_set, cfg.dataset)
+    _check_items_fit_loss(train_set, cfg.dataset, loss, "dataset")
+    if val_set is not None:
+        _check_items_fit_loss(val_set, cfg.dataset_val, loss, "dataset_val")
     batch_size = settings.batch_size
-    collate = functools.partial(padded_collate, pad_id=tokenizer.pad_id)
+    collate = functools.partial(preference_collate if pairs else padded_collate, pad_id=tokenizer.pad_id)
     shuffle = cfg.get("shuffle", True)
     train_loader, train_sampler = build_loader(
         train_set, collate, batch_size, shuffle, seed, rank, world_size
@@ -150,7 +158,7 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
 
         model, trainable = build_sharded_model(cfg, device, dtype, checkpointer, check_then_select)
     else:
-        model = build_model(cfg.model, device, dtype, checkpointer)
+        model = build_model(cfg.model, device, dtype, checkpointer, seed)
         _check_vocab(tokenizer, model)
         trainable = select_trainable(model)
         parallelize(model, **options)
@@ -160,7 +168,7 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
     scheduler = None
     if cfg.get("lr_scheduler") is not None:
         scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
-    loss_fn = _build_loss(cfg, device)
+    loss_fn = _on_device(loss, device)
     micro_step = _build_graphed_step(cfg, model, trainable, optimizer, device)
     logger = build_logger(cfg, output_dir, rank == 0)
     return RunParts(
@@ -182,6 +190,7 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
         logger,
         loss_fn,
         settings,
+        loss,
         micro_step,
     )
 
@@ -204,7 +213,10 @@ def _build_graphed_step(cfg: DictConfig, model, trainable: list, optimizer, devi
         return None
     from ftcore.training.cuda_graphs import graphed_micro_step
 
-    loss_fn = _build_loss(cfg, device, static_shapes=True)
+    loss = _build_loss(cfg)
+    if hasattr(loss, "skip_ignored"):
+        loss.skip_ignored = False  # keep the loss's shapes independent of the labels, so a graph captures it
+    loss_fn = _on_device(loss, device)
     return graphed_micro_step(lambda batch: loss_fn(model, batch), trainable, optimizer, device, model)
 
 
@@ -214,15 +226,14 @@ def _check_vocab(tokenizer, model) -> None:
     check_vocab_matches(tokenizer, model.tok_embeddings.num_embeddings)
 
 
-def _build_loss(cfg: DictConfig, device: torch.device, static_shapes: bool = False) -> Callable:
-    """Return loss_fn(model, batch) -> (sum of token losses, number of trained tokens); with
-    `static_shapes` (the `cuda_graphs` training step) no shape depends on the labels."""
+def _build_loss(cfg: DictConfig):
+    """The config's `loss` (LanguageModelLoss when unset): loss(model, batch) -> (sum of losses, units)."""
     from ftcore.runner.loss import LanguageModelLoss
 
-    loss = instantiate(cfg.loss) if cfg.get("loss") is not None else LanguageModelLoss()
-    if static_shapes and hasattr(loss, "skip_ignored"):
-        loss.skip_ignored = False  # keep the loss's shapes independent of the labels, so a graph captures it
+    return instantiate(cfg.loss) if cfg.get("loss") is not None else LanguageModelLoss()
 
+
+def _on_device(loss, device: torch.device) -> Callable:
     def loss_fn(model, batch):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         return loss(model, batch)
@@ -230,10 +241,18 @@ def _build_loss(cfg: DictConfig, device: torch.device, static_shapes: bool = Fal
     return loss_fn
 
 
-def _check_sft_items(dataset, node) -> None:
-    """This recipe trains on token sequences; a preference dataset's (chosen, rejected) pairs are not."""
-    if len(dataset) and "tokens" not in dataset[0]:
-        raise ValueError(
-            f"dataset {node.get('_component_')} gives items with {sorted(dataset[0])}, not `tokens`: "
-            "this recipe fine-tunes on instruction, chat or text data (preference pairs need a DPO recipe)"
-        )
+def _check_items_fit_loss(dataset, node, loss, key: str) -> None:
+    """A preference loss (DPO) trains on (chosen, rejected) pairs; the other losses on token sequences."""
+    pairs = getattr(loss, "pairs", False)
+    wanted = "chosen_tokens" if pairs else "tokens"
+    if not len(dataset) or wanted in dataset[0]:
+        return
+    fix = (
+        "use a preference dataset (ftcore.data.preference_dataset) with this loss"
+        if pairs
+        else "preference pairs train with the lora_dpo recipe and its loss, ftcore.runner.dpo.DPOLoss"
+    )
+    raise ValueError(
+        f"config key `{key}`: {node.get('_component_')} gives items with {sorted(dataset[0])}, not the "
+        f"`{wanted}` that the loss {type(loss).__name__} trains on; {fix}"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+from typing import cast
 
 import numpy as np
 import torch
@@ -65,11 +66,14 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def build_model(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype, checkpointer=None):
+def build_model(
+    model_cfg: DictConfig, device: torch.device, dtype: torch.dtype, checkpointer=None, seed: int = 0
+):
     """Build on the meta device (no memory), materialize once on `device`, then stream weights in.
 
     Modules that hold quantized weights (NF4) pick their own storage dtypes, so the float dtype is set
-    as the default while building rather than by casting the finished model.
+    as the default while building rather than by casting the finished model. With a checkpointer the
+    LoRA adapters, which no base checkpoint holds, are drawn from `seed` as a sharded run draws them.
     """
     from ftcore.models import init_weights
 
@@ -79,12 +83,37 @@ def build_model(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype,
     with torch.no_grad():
         init_weights(model)
     if checkpointer is not None:
+        draw_adapters_from_seed(model, seed)
         checkpointer.load_into(model)
     # DoRA's magnitude is the norm of the loaded base weight's rows, so it is set only now.
     for module in model.modules():
         if getattr(module, "use_dora", False):
             module.initialize_dora_magnitude()
     return model
+
+
+class _FullAdapter(torch.nn.Module):
+    """Full-size stand-ins for one LoRALinear's adapter factors, to run its own init rule on."""
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int):
+        super().__init__()
+        self.lora_a = torch.nn.Linear(in_dim, rank, bias=False)
+        self.lora_b = torch.nn.Linear(rank, out_dim, bias=False)
+
+
+@torch.no_grad()
+def draw_adapters_from_seed(model: torch.nn.Module, seed: int) -> None:
+    """Draw every LoRA adapter as full fp32 CPU tensors from `seed` alone, the global RNG untouched, so
+    that 1 process and N ranks (whose load hooks cut each tensor to the rank's shard), CPU or CUDA,
+    start from the same adapters; a random init of the base before it would shift the draw otherwise."""
+    from ftcore.modules.lora import LoRALinear, lora_modules
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _, module in lora_modules(model):
+            full = _FullAdapter(module.in_dim, module.out_dim, module.rank)
+            LoRALinear.reset_lora_parameters(cast(LoRALinear, full))  # duck-typed: touches lora_a/b only
+            module.load_state_dict(full.state_dict(), strict=False)
 
 
 def build_loader(

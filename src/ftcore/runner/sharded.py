@@ -89,14 +89,14 @@ def build_sharded_model(
     draws the same numbers on every rank (each shard a copy of the first), not the shards of one
     tensor. The cost is one full model per rank during setup. With a checkpointer each rank holds only
     its shards plus one tensor being read; the LoRA adapters, which no base checkpoint holds, are drawn
-    as full tensors from the config's seed and cut to shards, so they are the same on any number of
-    ranks (but not the single-process draw, which follows the random init of the whole base).
+    as full tensors from the config's seed and cut to shards, as one process draws them
+    (`draw_adapters_from_seed`), so they are the same on any number of ranks.
     Returns the model and its trainable parameters (the sharded ones, in `select_trainable`'s order).
     """
     from ftcore.distributed.fsdp import fsdp_mesh
     from ftcore.distributed.parallelize import parallelize, speed_options
     from ftcore.models import init_weights
-    from ftcore.runner.setup import build_model, default_dtype
+    from ftcore.runner.setup import build_model, default_dtype, draw_adapters_from_seed
 
     options = fsdp_options(cfg.get("fsdp"))
     home = torch.device("cpu") if options.cpu_offload else device
@@ -120,34 +120,13 @@ def build_sharded_model(
         model.to_empty(device=home)
         with torch.no_grad():
             init_weights(model)  # on shards: numbers differ with the world size; the checkpoint replaces them
-            with torch.random.fork_rng(devices=[]):  # adapters: the same on any number of ranks
-                torch.manual_seed(cfg.get("seed", 0))
-                _draw_adapters_as_full_tensors(model)
+        draw_adapters_from_seed(model, cfg.get("seed", 0))  # the same on any number of ranks
         checkpointer.load_into(model)
         for module in model.modules():  # DoRA's magnitude is the norm of the loaded base rows
             if getattr(module, "use_dora", False):
                 module.initialize_dora_magnitude()
     params = dict(model.named_parameters())
     return model, [params[name] for name in names]
-
-
-class _FullAdapter(nn.Module):
-    """Full-size stand-ins for one LoRALinear's adapter factors, to run its own init rule on."""
-
-    def __init__(self, in_dim: int, out_dim: int, rank: int):
-        super().__init__()
-        self.lora_a = nn.Linear(in_dim, rank, bias=False)
-        self.lora_b = nn.Linear(rank, out_dim, bias=False)
-
-
-def _draw_adapters_as_full_tensors(model: nn.Module) -> None:
-    from ftcore.modules.lora import LoRALinear, lora_modules
-
-    for _, module in lora_modules(model):
-        full = _FullAdapter(module.in_dim, module.out_dim, module.rank)
-        LoRALinear.reset_lora_parameters(cast(LoRALinear, full))  # duck-typed: it touches lora_a/lora_b only
-        # The shard_model load hooks cut each full tensor to this rank's shard.
-        module.load_state_dict(full.state_dict(), strict=False)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
