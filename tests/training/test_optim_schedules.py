@@ -71,10 +71,17 @@ def test_min_lr_ratio_floor_by_formula():
     assert linear[total:] == pytest.approx([base * floor] * 3)
 
 
-def test_schedule_rejects_warmup_longer_than_training():
+def test_warmup_longer_than_training_warns_and_stays_in_warmup(caplog):
+    """A short smoke test of a config with a long warmup runs (as in transformers), with a warning."""
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    with pytest.raises(ValueError, match="num_warmup_steps"):
-        cosine_with_warmup(optimizer, num_warmup_steps=10, num_training_steps=5)
+    scheduler = cosine_with_warmup(optimizer, num_warmup_steps=10, num_training_steps=5)
+    assert "fewer than num_warmup_steps (10)" in caplog.text and "peaks at 40%" in caplog.text
+    lrs = []
+    for _ in range(5):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
 
 
 def test_clip_grad_norm_returns_preclip_norm_and_clips():

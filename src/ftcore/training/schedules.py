@@ -7,20 +7,25 @@ These match transformers' get_{cosine,linear,constant}_schedule_with_warmup at m
 
 from __future__ import annotations
 
+import logging
 import math
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+
+log = logging.getLogger("ftcore")
 
 
 def _check(num_warmup_steps: int, num_training_steps: int | None, min_lr_ratio: float) -> None:
     if num_warmup_steps < 0:
         raise ValueError(f"num_warmup_steps must be >= 0, got {num_warmup_steps}")
     if num_training_steps is not None and num_training_steps < num_warmup_steps:
-        raise ValueError(
-            f"num_training_steps ({num_training_steps}) is smaller than num_warmup_steps ({num_warmup_steps}); "
-            "lower lr_scheduler.num_warmup_steps"
-        )
+        # A smoke test (`max_steps=3` on a config with 100 warmup steps) is a normal thing to run: warn.
+        log.warning(
+            "lr_scheduler: the run has %d steps, fewer than num_warmup_steps (%d), so the lr stays in warmup "
+            "and peaks at %.0f%% of its set value (its last step); lower lr_scheduler.num_warmup_steps for a real run",
+            num_training_steps, num_warmup_steps, 100 * max(num_training_steps - 1, 0) / num_warmup_steps,
+        )  # fmt: skip
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
 
