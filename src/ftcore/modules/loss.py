@@ -23,14 +23,38 @@ def _check_shapes(scores: torch.Tensor, labels: torch.Tensor, what: str) -> None
         )
 
 
+def _shifted(scores: torch.Tensor, labels: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (B, T, X), unshifted labels (B, T) -> the rows of positions 0..T-2 (B*(T-1), X) and the
+    labels they predict (B*(T-1),)."""
+    _check_shapes(scores, labels, what)
+    return scores[:, :-1].reshape(-1, scores.size(-1)), labels[:, 1:].reshape(-1)
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+
+
+def _per_chunk(fn, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+               ignore_index: int, needs_grad: bool):  # fmt: skip
+    """fn(hidden rows, weight, labels, ignore_index) of each `chunk_size` rows in turn; under autograd
+    checkpointed, so each chunk's logits are recomputed in the backward rather than kept."""
+    for start in range(0, labels.numel(), chunk_size):
+        args = (hidden[start : start + chunk_size], weight, labels[start : start + chunk_size], ignore_index)
+        # nothing random in a chunk: no RNG state to stash and replay
+        yield (
+            checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False) if needs_grad else fn(*args)
+        )
+
+
 def cross_entropy_sum(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, T, V), unshifted labels (B, T) -> (fp32 sum of losses, int64 count of trained tokens)."""
-    _check_shapes(logits, labels, "logits")
-    shifted_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()  # (B*(T-1), V)
-    shifted_labels = labels[:, 1:].reshape(-1)  # (B*(T-1),)
-    loss_sum = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=ignore_index, reduction="sum")
+    shifted_logits, shifted_labels = _shifted(logits, labels, "logits")  # (B*(T-1), V), (B*(T-1),)
+    loss_sum = F.cross_entropy(
+        shifted_logits.float(), shifted_labels, ignore_index=ignore_index, reduction="sum"
+    )
     return loss_sum, (shifted_labels != ignore_index).sum()
 
 
@@ -103,11 +127,8 @@ def chunked_cross_entropy_sum(
     are projected and scored as zero instead, which keeps every shape independent of the labels (a
     CUDA graph cannot capture the data-dependent selection).
     """
-    _check_shapes(hidden, labels, "hidden states")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    shifted_hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))  # (B*(T-1), D)
-    shifted_labels = labels[:, 1:].reshape(-1)  # (B*(T-1),)
+    shifted_hidden, shifted_labels = _shifted(hidden, labels, "hidden states")  # (B*(T-1), D), (B*(T-1),)
+    _check_chunk_size(chunk_size)
     trained = shifted_labels != ignore_index
     if skip_ignored:
         shifted_hidden, shifted_labels = shifted_hidden[trained], shifted_labels[trained]  # (N, D), (N,)
@@ -121,20 +142,10 @@ def chunked_cross_entropy_sum(
             shifted_hidden, output_weight, shifted_labels, chunk_size, ignore_index
         )
         return loss_sum, trained.sum()
-    for start in range(0, shifted_labels.numel(), chunk_size):
-        args = (
-            shifted_hidden[start : start + chunk_size],
-            output_weight,
-            shifted_labels[start : start + chunk_size],
-            ignore_index,
-        )
-        if needs_grad:
-            # nothing random in a chunk: no RNG state to stash and replay
-            loss_sum = loss_sum + checkpoint(
-                _chunk_loss_sum, *args, use_reentrant=False, preserve_rng_state=False
-            )
-        else:
-            loss_sum = loss_sum + _chunk_loss_sum(*args)
+    chunks = _per_chunk(_chunk_loss_sum, shifted_hidden, output_weight, shifted_labels, chunk_size,
+                        ignore_index, needs_grad)  # fmt: skip
+    for chunk_loss in chunks:
+        loss_sum = loss_sum + chunk_loss
     return loss_sum, trained.sum()
 
 
@@ -142,10 +153,9 @@ def logits_sequence_log_probs(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """logits (B, T, V), unshifted labels (B, T) -> per sequence, the fp32 sum of log p(label): (B,)."""
-    _check_shapes(logits, labels, "logits")
-    shifted_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+    shifted_logits, shifted_labels = _shifted(logits, labels, "logits")
     losses = F.cross_entropy(
-        shifted_logits, labels[:, 1:].reshape(-1), ignore_index=ignore_index, reduction="none"
+        shifted_logits.float(), shifted_labels, ignore_index=ignore_index, reduction="none"
     )
     return -losses.view(labels.shape[0], -1).sum(dim=1)
 
@@ -167,28 +177,12 @@ def sequence_log_probs(
     hidden (B, T, D) final-normed states, output_weight (V, D), labels (B, T) unshifted. As in
     `chunked_cross_entropy_sum`, `chunk_size` tokens are projected at a time and, under autograd, each
     chunk's logits are recomputed in the backward rather than kept."""
-    _check_shapes(hidden, labels, "hidden states")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    shifted_hidden, shifted_labels = _shifted(hidden, labels, "hidden states")
+    _check_chunk_size(chunk_size)
     batch, length = labels.shape
-    shifted_hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))  # (B*(T-1), D)
-    shifted_labels = labels[:, 1:].reshape(-1)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or output_weight.requires_grad)
-    losses = []
-    for start in range(0, shifted_labels.numel(), chunk_size):
-        args = (
-            shifted_hidden[start : start + chunk_size],
-            output_weight,
-            shifted_labels[start : start + chunk_size],
-        )
-        if needs_grad:
-            losses.append(
-                checkpoint(
-                    _chunk_token_losses, *args, ignore_index, use_reentrant=False, preserve_rng_state=False
-                )
-            )
-        else:
-            losses.append(_chunk_token_losses(*args, ignore_index))
+    losses = list(_per_chunk(_chunk_token_losses, shifted_hidden, output_weight, shifted_labels, chunk_size,
+                             ignore_index, needs_grad))  # fmt: skip
     if not losses:  # sequences of one token: nothing is predicted
         return hidden.new_zeros(batch, dtype=torch.float32) + 0.0 * hidden.sum()
     return -torch.cat(losses).view(batch, length - 1).sum(dim=1)
