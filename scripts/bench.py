@@ -78,6 +78,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--cuda-graphs", action="store_true", help="eager: replay forward + backward from a CUDA graph"
     )
+    p.add_argument(
+        "--offload-embedding",
+        action="store_true",
+        help="frozen token embedding in host memory (offload_embedding)",
+    )
     p.add_argument("--mlp-chunk", type=int, help="MLP in checkpointed N-token chunks (mlp_chunk_tokens)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--n-layers", type=int, help="keep only the first N transformer blocks of the shape")
@@ -318,6 +323,7 @@ def run_training(args: argparse.Namespace) -> dict:
         fused_kernels=args.fused,
         activation_offloading=args.offload,
         mlp_chunk_tokens=args.mlp_chunk,
+        offload_embedding=args.offload_embedding,
     )
     build_s = time.time() - start
     loss_fn = LanguageModelLoss(chunk_size=args.loss_chunk, skip_ignored=not args.cuda_graphs)
@@ -365,6 +371,7 @@ def run_training(args: argparse.Namespace) -> dict:
         offload=args.offload,
         cuda_graphs=args.cuda_graphs,
         mlp_chunk=args.mlp_chunk,
+        offload_embedding=args.offload_embedding,
         n_layers=len(model.layers),
         optimizer=args.optimizer,
         optimizer_in_backward=args.optimizer_in_backward,
@@ -503,7 +510,7 @@ def render_table(results_jsonl: Path) -> str:
     for r in ours:
         eager, compiled = (peer.get(_config_key(r), {}).get(flag, {}) for flag in (False, True))
         rows.append(
-            f"| {r['model']} | {r['mode']} | {r['bs']} x {r['seq']} | {_ac_column(r)} | {_yes(r['compile'])}{' +fused' if r.get('fused') else ''}{' +graphs' if r.get('cuda_graphs') else ''} "
+            f"| {r['model']} | {r['mode']} | {r['bs']} x {r['seq']} | {_ac_column(r)} | {_yes(r['compile'])}{' +fused' if r.get('fused') else ''}{' +graphs' if r.get('cuda_graphs') else ''}{_memory_note(r).replace(' ', ' +')} "
             f"| {_fmt(r['tokens_per_s'])} | {_fmt(r['peak_alloc_gib'], 2)} | {_fmt(r.get('mfu'), 3)} "
             f"| {_fmt(eager.get('tokens_per_s'))} | {_fmt(compiled.get('tokens_per_s'))} "
             f"| {_fmt(compiled.get('peak_alloc_gib'), 2)} | {_ratio(r['tokens_per_s'], compiled.get('tokens_per_s'))} "
@@ -553,9 +560,10 @@ def _optimizer_note(r: dict) -> str:
 
 
 def _memory_note(r: dict) -> str:
-    """' offload' and ' mlp_chunk=N' when those memory switches were on."""
+    """' offload', ' mlp_chunk=N' and ' offload_embedding' when those memory switches were on."""
     chunk = f" mlp_chunk={r['mlp_chunk']}" if r.get("mlp_chunk") else ""
-    return (" offload" if r.get("offload") else "") + chunk
+    embedding = " offload_embedding" if r.get("offload_embedding") else ""
+    return (" offload" if r.get("offload") else "") + chunk + embedding
 
 
 def _summary(r: dict) -> str:

@@ -35,6 +35,9 @@
 #                   unchecked beside torchtune compiled, and 8B QLoRA `op` beside torchtune compiled QLoRA.
 #   recheck         all GPU tests, then graphed eager 8B LoRA and QLoRA beside torchtune compiled (the
 #                   first GPU run of the previous session's last cuda_graphs and NF4 fixes).
+#   embedding       all GPU tests, then graphed eager 8B QLoRA without and with offload_embedding (and the
+#                   freed memory spent on the last 2 blocks unchecked) beside torchtune compiled QLoRA.
+#   embedding_lora  the same for 8B LoRA, no tests.
 #   inback          all GPU tests, then compiled 3B full with optimizer_in_backward (no gradients kept)
 #                   and the last 20 / 23 blocks unchecked beside torchtune compiled.
 # Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
@@ -46,7 +49,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
-[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify|lora_node|recheck|selective|context|skiplast|inback)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace, verify, lora_node, recheck, selective, context, skiplast or inback" >&2; exit 2; }
+[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify|lora_node|recheck|selective|context|skiplast|inback|embedding|embedding_lora)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace, verify, lora_node, recheck, selective, context, skiplast, inback, embedding or embedding_lora" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -268,6 +271,20 @@ plan_inback() {
     peer:full:compile:40:100
 }
 
+plan_embedding() {
+  step "pytest -m gpu" 60 250 "${PY[@]}" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=8 tests
+  local graphs=--fused,--cuda-graphs
+  vs_peer ftcore:qlora:eager:25:60:$graphs ftcore:qlora:eager:25:60:$graphs,--offload-embedding \
+    ftcore:qlora:eager:25:60:$graphs,--offload-embedding,--ac-skip-last,2 peer:qlora:compile:60:110
+}
+
+plan_embedding_lora() {
+  local graphs=--fused,--cuda-graphs
+  vs_peer ftcore:lora:eager:25:60:$graphs ftcore:lora:eager:25:60:$graphs,--offload-embedding \
+    ftcore:lora:eager:25:60:$graphs,--offload-embedding,--ac-skip-last,2 \
+    ftcore:lora:eager:25:60:$graphs,--offload-embedding,--ac-skip-last,3 peer:lora:compile:60:110
+}
+
 plan_big() {
   vs_peer --model llama3_1_70b --bs 1 ftcore:qlora:eager:120:280 peer:qlora:compile:200:330
 }
@@ -293,6 +310,8 @@ case $PLAN in
   context) plan_context ;;
   skiplast) plan_skiplast ;;
   inback) plan_inback ;;
+  embedding) plan_embedding ;;
+  embedding_lora) plan_embedding_lora ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"

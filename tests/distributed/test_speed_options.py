@@ -18,6 +18,7 @@ def test_defaults_are_all_off():
         "ac_mode": None,
         "ac_option": None,
         "ac_skip_last_blocks": None,
+        "offload_embedding": False,
     }
 
 
@@ -46,4 +47,14 @@ def test_a_bad_value_stops_the_run_before_the_data_or_model_is_built(tmp_path):
     cfg.output_dir, cfg.mlp_chunk_tokens = str(tmp_path), 0
     cfg.dataset = {"_component_": "a.module.that.does.not.exist"}  # would fail if it were built first
     with pytest.raises(ValueError, match="mlp_chunk_tokens"):
+        build_parts(cfg, select_trainable=lambda model: list(model.parameters()))
+
+
+def test_offload_embedding_is_refused_when_the_run_trains_the_embedding(tmp_path):
+    from ftcore.config import load_config
+    from ftcore.runner.parts import build_parts
+
+    cfg = load_config("demo/reverse_full")
+    cfg.output_dir, cfg.model.tie_embeddings, cfg.offload_embedding = str(tmp_path), False, True
+    with pytest.raises(ValueError, match="needs a frozen token embedding"):
         build_parts(cfg, select_trainable=lambda model: list(model.parameters()))

@@ -120,24 +120,28 @@ def test_resume_on_another_number_of_processes(straight, tmp_path, direction):
         )
 
 
-@pytest.fixture(scope="module")
-def hf_base(tmp_path_factory) -> list[str]:
+def _hf_checkpoint(folder: Path, tie_embeddings: bool) -> list[str]:
     """Overrides that start from an HF-layout checkpoint of the demo model (a random one, saved once)."""
     from ftcore.config import instantiate
     from ftcore.models import init_weights
     from ftcore.models.checkpoint_hf import hf_config_from_sizes, write_hf_checkpoint
 
     node = load_config(CONFIGS["full_finetune"]).model
+    node.tie_embeddings = tie_embeddings
     torch.manual_seed(7)
     model = instantiate(node)
     init_weights(model)
     sizes = {k: v for k, v in node.items() if k != "_component_"}
-    folder = tmp_path_factory.mktemp("hf_base")
     write_hf_checkpoint(model.state_dict(), folder, hf_config_from_sizes(sizes))
     return [
         "+checkpointer._component_=ftcore.models.HFCheckpointer",
         f"+checkpointer.checkpoint_dir={folder}",
     ]
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory) -> list[str]:
+    return _hf_checkpoint(tmp_path_factory.mktemp("hf_base"), tie_embeddings=True)
 
 
 def test_full_finetune_from_hf_checkpoint_matches_one_process(hf_base, tmp_path):
@@ -167,6 +171,23 @@ def test_lora_from_hf_checkpoint_is_the_same_on_one_and_two_ranks(hf_base, tmp_p
         )
         exported = f"step_000002/{EXPORTED['lora_finetune']}"
         assert_same_tensors(tmp_path / "one" / exported, tmp_path / other / exported)
+
+
+def test_offloaded_embedding_trains_alike_on_one_and_two_ranks(tmp_path):
+    """`offload_embedding`: the untied token table in host memory, left out of FSDP2's sharding, loaded
+    from the checkpoint into the host tensor on every rank. One process without it, one with it and two
+    ranks with it log the same losses and export the same adapter."""
+    base = _hf_checkpoint(tmp_path / "base", tie_embeddings=False)
+    extra = [*base, "model.tie_embeddings=false", "max_steps=2", "~dataset_val", "~evaluators"]
+    run_one_process("lora_finetune", tmp_path / "plain", *extra)
+    run_one_process("lora_finetune", tmp_path / "one", *extra, "offload_embedding=true")
+    assert "token table" in run_two_processes(
+        "lora_finetune", tmp_path / "two", *extra, "offload_embedding=true"
+    )
+    exported = f"step_000002/{EXPORTED['lora_finetune']}"
+    for other in ("one", "two"):
+        assert logged(tmp_path / other, "loss") == pytest.approx(logged(tmp_path / "plain", "loss"), abs=TOL)
+        assert_same_tensors(tmp_path / "plain" / exported, tmp_path / other / exported)
 
 
 def test_qlora_two_processes_match_one(tmp_path):

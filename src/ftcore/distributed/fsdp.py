@@ -88,6 +88,10 @@ def shard_model(
     # The root (embeddings, final norm, output) stays gathered from its forward to its backward: the
     # training loss calls `model.hidden` and then reads `model.output_weight` outside any forward, and
     # backward needs these weights at once anyway.
+    from ftcore.modules.host_embedding import host_parameters
+
+    if host_params := host_parameters(model):  # offload_embedding: the table stays whole, in host memory
+        options = {**options, "ignored_params": host_params}
     fully_shard(model, reshard_after_forward=False, **options)
     if hasattr(model, "hidden"):
         register_fsdp_forward_method(model, "hidden")  # gather the root around `hidden` as around forward

@@ -96,6 +96,7 @@ def speed_options(cfg) -> dict:
         "ac_mode": cfg.get("ac_mode", None),
         "ac_option": cfg.get("ac_option", None),
         "ac_skip_last_blocks": cfg.get("ac_skip_last_blocks", None),
+        "offload_embedding": cfg.get("offload_embedding", False),
     }
     model_node = cfg.get("model") or {}
     checkpoint_plan(  # before the weights load; parallelize checks the built model too
@@ -127,6 +128,7 @@ def parallelize(
     ac_mode: str | None = None,
     ac_option: str | int | None = None,
     ac_skip_last_blocks: int | None = None,
+    offload_embedding: bool = False,
     fsdp_mesh=None,
     reshard_after_forward: bool = True,
     param_dtype=None,
@@ -135,6 +137,8 @@ def parallelize(
 ) -> nn.Module:
     """Fuse, checkpoint, compile, then (when `fsdp_mesh` is given) shard every block and the root with FSDP2.
 
+    `offload_embedding` first moves the frozen token embedding into pinned host memory
+    (ftcore.modules.host_embedding), where FSDP2 leaves it unsharded.
     `fused_kernels` first swaps in the Triton RMSNorm / SwiGLU / RoPE forwards (ftcore.modules.fused), so
     that checkpointing recomputes and compile traces the fused ops. `mlp_chunk_tokens` runs every MLP in
     checkpointed chunks of tokens (ftcore.training.chunked_mlp); `activation_offloading` checkpoints each
@@ -151,6 +155,10 @@ def parallelize(
     )
     if activation_offloading:
         _check_offloading(activation_checkpointing)
+    if offload_embedding:
+        from ftcore.modules.host_embedding import offload_token_embedding
+
+        offload_token_embedding(model)
     if fused_kernels:
         from ftcore.modules.fused import apply_fused_kernels
 

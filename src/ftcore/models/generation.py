@@ -92,7 +92,7 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check_sampling(temperature, top_k, top_p)
-    device = model.tok_embeddings.weight.device
+    device = model.norm.weight.device  # not the embedding's: offload_embedding keeps it in host memory
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     sampler = functools.partial(
         sample_next, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator

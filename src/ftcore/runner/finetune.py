@@ -56,6 +56,7 @@ OOM_REPORTED_KEYS = (  # their current values are shown beside the advice when a
     "ac_skip_last_blocks",
     "enable_activation_offloading",
     "mlp_chunk_tokens",
+    "offload_embedding",
     "optimizer_in_backward",
 )
 TRAINABLE_FILE = "trainable.safetensors"  # LoRA: the adapter tensors, exactly, for resume
@@ -102,6 +103,7 @@ def common_config_keys() -> dict:
         "ac_skip_last_blocks": optional_int,
         "enable_activation_offloading": bool,
         "mlp_chunk_tokens": optional_int,
+        "offload_embedding": bool,
         "compile": bool,
         "fused_kernels": bool,
         "cuda_graphs": bool,

@@ -34,6 +34,10 @@ MEMORY_SETTINGS = (
     ("ac_skip_last_blocks", "lower it or set null (those last blocks keep all their activations)"),
     ("enable_activation_offloading", "set it to True with checkpointing (block inputs in host memory)"),
     ("mlp_chunk_tokens", "set it, e.g. 8192, for long sequences (the MLP in checkpointed chunks)"),
+    (
+        "offload_embedding",
+        "set it to True (LoRA/QLoRA: the frozen token embedding in host memory, 1 GiB at 8B)",
+    ),
     ("max_seq_len", "lower it (shorter sequences, or packing with a smaller max_seq_len)"),
     ("model.quantize_base", "set it to True (QLoRA: the frozen base in NF4, about 4x smaller)"),
     ("optimizer", "use ftcore.training.adamw_8bit (8-bit state) or cpu_offload_adamw (state on the CPU)"),

@@ -1,0 +1,137 @@
+"""`offload_embedding`: a frozen token embedding kept in pinned host memory, its rows read by the GPU.
+
+A step reads only the rows of the tokens it sees (B x T of a 128K vocabulary), so the table need not
+take GPU memory: 0.98 GiB for Llama-3.1-8B (128,256 x 4,096 in bf16), 1.96 GiB for 70B. It lives in
+page-locked host memory, which a CUDA device addresses directly (unified virtual addressing: the
+host pointer is valid in kernels), and torch's own embedding kernel gathers the rows through a CUDA
+view of that memory: B x T x dim x 2 bytes cross PCIe a step (32 MiB at 2 x 2048 tokens), with no
+host synchronization, so a CUDA graph captures it. Unsloth's `offload_embedding` makes the same trade.
+
+Only a frozen, untied table can live there: a trained one needs its gradient and optimizer state on
+the GPU, and a tied one is also the output projection, which every step multiplies in full.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("ftcore")
+_INTEGER_VIEW = {2: ("<i2", torch.int16), 4: ("<i4", torch.int32), 8: ("<i8", torch.int64)}
+
+
+class _HostMemory:
+    """Pinned host memory described as CUDA-addressable (`__cuda_array_interface__`), under UVA."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table  # held: the view's memory lives as long as this object
+        typestr, _ = _INTEGER_VIEW[table.element_size()]
+        self.__cuda_array_interface__ = {
+            "shape": tuple(table.shape),
+            "typestr": typestr,  # the interface has no bf16: an integer of the same width, viewed back
+            "data": (table.data_ptr(), False),
+            "strides": None,
+            "version": 2,
+        }
+
+
+def cuda_view(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CUDA tensor on `device` that aliases the pinned host `table` (no copy, no GPU memory)."""
+    if not table.is_pinned():
+        raise RuntimeError(
+            "offload_embedding: the token table is not in pinned host memory, which a GPU cannot read in "
+            "place; this happens when CUDA was not available as the model was built"
+        )
+    view = torch.as_tensor(_HostMemory(table.contiguous()), device=device).view(table.dtype)
+    if view.data_ptr() != table.data_ptr():  # torch copied instead of aliasing: the GPU memory is spent
+        raise RuntimeError(
+            f"offload_embedding: {device} cannot address this process's pinned host memory in place "
+            "(no unified addressing); set offload_embedding: false"
+        )
+    return view
+
+
+def _to_host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` as a host tensor of `dtype`, page-locked when a GPU may read it (meta: empty)."""
+    pin = torch.cuda.is_available()
+    if tensor.is_meta:
+        return torch.empty(tensor.shape, dtype=dtype, pin_memory=pin)
+    host = tensor.detach().to("cpu", dtype)
+    return host.pin_memory() if pin and not host.is_pinned() else host
+
+
+class HostEmbedding(nn.Embedding):
+    """A frozen `nn.Embedding` whose table stays in host memory through `.to(device)` and `to_empty`.
+
+    CPU token ids are looked up on the host; CUDA token ids read the rows in place on their device.
+    The parameter keeps the name `weight`, so state dicts and checkpoints are those of `nn.Embedding`.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype | None = None):
+        super().__init__(num_embeddings, embedding_dim, device="meta", dtype=dtype)
+        self.weight.requires_grad_(False)
+        self._views: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> HostEmbedding:
+        if embedding.max_norm is not None:
+            raise ValueError(
+                "offload_embedding: an embedding with max_norm rewrites its table; it cannot be offloaded"
+            )
+        host = cls(embedding.num_embeddings, embedding.embedding_dim, dtype=embedding.weight.dtype)
+        host._set_table(_to_host(embedding.weight, embedding.weight.dtype))
+        return host
+
+    def _set_table(self, table: torch.Tensor) -> None:
+        self.weight = nn.Parameter(table, requires_grad=False)
+        self._views = {}
+
+    def _apply(self, fn, recurse=True):
+        # `.to(device)`, `.cuda()` and `to_empty` would put the table on the GPU: keep it on the host and
+        # apply only the dtype that `fn` gives (read from a tensor of no elements).
+        dtype = fn(torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)).dtype
+        if self.weight.is_meta or dtype != self.weight.dtype:
+            self._set_table(_to_host(self.weight, dtype))
+        return self
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.device.type == "cpu":
+            return F.embedding(tokens, self.weight)
+        if tokens.device not in self._views:
+            self._views[tokens.device] = cuda_view(self.weight, tokens.device)
+        return F.embedding(tokens, self._views[tokens.device])
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", in host memory"
+
+
+def offload_token_embedding(model: nn.Module) -> None:
+    """Swap `model.tok_embeddings` for a HostEmbedding holding the same table (setup, before FSDP2).
+
+    Refused for a tied embedding (the output projection reads it whole every step) and for a trained
+    one, each naming the config key to change."""
+    if getattr(model, "tied_embeddings", False):
+        raise ValueError(
+            "offload_embedding: true: this model ties its output projection to the token embedding (e.g. "
+            "Llama 3.2 1B/3B), which every step multiplies in full on the GPU; set offload_embedding: false"
+        )
+    embedding = model.get_submodule("tok_embeddings")
+    if isinstance(embedding, HostEmbedding):
+        return
+    if not isinstance(embedding, nn.Embedding) or embedding.weight.requires_grad:
+        raise ValueError(
+            "offload_embedding: true needs a frozen token embedding (LoRA, QLoRA, DPO), but this run trains "
+            "it (full fine-tuning); set offload_embedding: false"
+        )
+    host = HostEmbedding.from_embedding(embedding)
+    model.tok_embeddings = host
+    log.info("offload_embedding: the token table (%.2f GiB) stays in host memory", host.weight.nbytes / 2**30)
+
+
+def host_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """The parameters kept in host memory, which FSDP2 must leave unsharded and in place."""
+    return {cast(nn.Parameter, m.weight) for m in model.modules() if isinstance(m, HostEmbedding)}
