@@ -38,6 +38,8 @@
 #   embedding       all GPU tests, then graphed eager 8B QLoRA without and with offload_embedding (and the
 #                   freed memory spent on the last 2 blocks unchecked) beside torchtune compiled QLoRA.
 #   embedding_lora  the same for 8B LoRA, no tests.
+#   embedding_70b   Llama-3.1-70B QLoRA at bs 1 x 2048 without and with offload_embedding (and 4 or 6 blocks
+#                   unchecked) beside torchtune compiled, no tests.
 #   inback          all GPU tests, then compiled 3B full with optimizer_in_backward (no gradients kept)
 #                   and the last 20 / 23 blocks unchecked beside torchtune compiled.
 # Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
@@ -49,7 +51,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
-[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify|lora_node|recheck|selective|context|skiplast|inback|embedding|embedding_lora)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace, verify, lora_node, recheck, selective, context, skiplast, inback, embedding or embedding_lora" >&2; exit 2; }
+[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify|lora_node|recheck|selective|context|skiplast|inback|embedding|embedding_lora|embedding_70b)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace, verify, lora_node, recheck, selective, context, skiplast, inback, embedding, embedding_lora or embedding_70b" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -285,6 +287,13 @@ plan_embedding_lora() {
     ftcore:lora:eager:25:60:$graphs,--offload-embedding,--ac-skip-last,3 peer:lora:compile:60:110
 }
 
+plan_embedding_70b() {  # the peer first: its compile is the longest part, and each run needs the pair
+  local graphs=--fused,--cuda-graphs host=--fused,--cuda-graphs,--offload-embedding
+  vs_peer --model llama3_1_70b --bs 1 peer:qlora:compile:120:200 ftcore:qlora:eager:60:120:$graphs \
+    ftcore:qlora:eager:60:120:$host ftcore:qlora:eager:60:120:$host,--ac-skip-last,4 \
+    ftcore:qlora:eager:60:120:$host,--ac-skip-last,6
+}
+
 plan_big() {
   vs_peer --model llama3_1_70b --bs 1 ftcore:qlora:eager:120:280 peer:qlora:compile:200:330
 }
@@ -312,6 +321,7 @@ case $PLAN in
   inback) plan_inback ;;
   embedding) plan_embedding ;;
   embedding_lora) plan_embedding_lora ;;
+  embedding_70b) plan_embedding_70b ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"
