@@ -510,7 +510,7 @@ def render_table(results_jsonl: Path) -> str:
     for r in ours:
         eager, compiled = (peer.get(_config_key(r), {}).get(flag, {}) for flag in (False, True))
         rows.append(
-            f"| {r['model']} | {r['mode']} | {r['bs']} x {r['seq']} | {_ac_column(r)} | {_yes(r['compile'])}{' +fused' if r.get('fused') else ''}{' +graphs' if r.get('cuda_graphs') else ''}{_memory_note(r).replace(' ', ' +')} "
+            f"| {r['model']} | {r['mode']} | {r['bs']} x {r['seq']} | {_ac_column(r)} | {_yes(r['compile'])}{' +fused' if r.get('fused') else ''}{' +graphs' if r.get('cuda_graphs') else ''}{_memory_note(r, ' +')} "
             f"| {_fmt(r['tokens_per_s'])} | {_fmt(r['peak_alloc_gib'], 2)} | {_fmt(r.get('mfu'), 3)} "
             f"| {_fmt(eager.get('tokens_per_s'))} | {_fmt(compiled.get('tokens_per_s'))} "
             f"| {_fmt(compiled.get('peak_alloc_gib'), 2)} | {_ratio(r['tokens_per_s'], compiled.get('tokens_per_s'))} "
@@ -559,11 +559,14 @@ def _optimizer_note(r: dict) -> str:
     return (f" optimizer={name}" if name != "adamw" else "") + in_backward
 
 
-def _memory_note(r: dict) -> str:
-    """' offload', ' mlp_chunk=N' and ' offload_embedding' when those memory switches were on."""
-    chunk = f" mlp_chunk={r['mlp_chunk']}" if r.get("mlp_chunk") else ""
-    embedding = " offload_embedding" if r.get("offload_embedding") else ""
-    return (" offload" if r.get("offload") else "") + chunk + embedding
+def _memory_note(r: dict, separator: str = " ") -> str:
+    """'offload', 'mlp_chunk=N' and 'offload_embedding', each after `separator`, for the memory switches on."""
+    notes = [
+        "offload" if r.get("offload") else "",
+        f"mlp_chunk={r['mlp_chunk']}" if r.get("mlp_chunk") else "",
+        "offload_embedding" if r.get("offload_embedding") else "",
+    ]
+    return "".join(separator + note for note in notes if note)
 
 
 def _summary(r: dict) -> str:

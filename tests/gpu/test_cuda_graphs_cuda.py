@@ -194,6 +194,16 @@ def _run_recipe(tmp_path, name: str, overrides: list[str]) -> list[float]:
     return [row["loss"] for row in rows if "loss" in row]
 
 
+def test_ftcore_run_with_the_token_table_in_host_memory_matches_the_plain_run(tmp_path):
+    # untied, so the table can be offloaded; the demo's evaluator (run before training) and the training
+    # steps then find the model's device from the blocks, not from the host table
+    common = ["model.tie_embeddings=false", "fused_kernels=true", "dtype=fp32", "cuda_graphs=true"]
+    plain = _run_recipe(tmp_path, "plain", common)
+    offloaded = _run_recipe(tmp_path, "offloaded", [*common, "offload_embedding=true"])
+    assert len(offloaded) == len(plain) == 6
+    assert offloaded == plain
+
+
 @pytest.mark.parametrize("quantize_base", ["false", "true"], ids=["lora", "qlora"])
 def test_ftcore_run_with_cuda_graphs_matches_the_eager_run(tmp_path, caplog, quantize_base):
     common = [f"model.quantize_base={quantize_base}", "fused_kernels=true", "dtype=fp32"]

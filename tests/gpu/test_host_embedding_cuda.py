@@ -46,9 +46,19 @@ def test_cuda_lookups_read_the_host_table_in_place_and_bit_identically():
     del embedding
     gc.collect()
     assert host.weight.is_pinned()
-    assert before - torch.cuda.memory_allocated() >= 65536 * 2048 * 2  # the table left the GPU
-    assert torch.equal(host(tokens), expected)
-    assert host(tokens).device == tokens.device
+    looked_up = host(tokens)  # the first lookup makes the CUDA view: it must alias, not copy, the table
+    assert before - torch.cuda.memory_allocated() >= 65536 * 2048 * 2 - looked_up.nbytes  # the table left
+    assert torch.equal(looked_up, expected)
+    assert looked_up.device == tokens.device
+
+
+def test_a_table_replaced_by_assignment_is_read_from_its_new_memory():
+    host = HostEmbedding.from_embedding(_cuda_embedding())
+    tokens = torch.randint(0, 65536, (2, 64), device="cuda")
+    host(tokens)  # a view of the first table is made and kept
+    replacement = torch.randn(65536, 2048, dtype=torch.bfloat16).pin_memory()
+    host.load_state_dict({"weight": replacement}, assign=True)
+    assert torch.equal(host(tokens), replacement.cuda()[tokens])
 
 
 def test_a_cuda_graph_replays_lookups_of_new_tokens():

@@ -12,7 +12,13 @@ from torch import nn
 
 from ftcore.models.builders import lora_tiny_llama
 from ftcore.models.transformer import init_weights
-from ftcore.modules.host_embedding import HostEmbedding, cuda_view, host_parameters, offload_token_embedding
+from ftcore.modules.host_embedding import (
+    HostEmbedding,
+    compute_device,
+    cuda_view,
+    host_parameters,
+    offload_token_embedding,
+)
 from ftcore.modules.lora import get_adapter_params, set_trainable_params
 
 
@@ -63,6 +69,7 @@ def test_the_model_computes_the_same_with_the_table_offloaded():
     assert torch.equal(model(tokens), expected)
     model.to("meta")  # the rest of the model moves; the table does not
     assert model.tok_embeddings.weight.device.type == "cpu"
+    assert compute_device(model) == torch.device("meta")  # where the blocks are, not the table
 
 
 def test_a_tied_or_trained_embedding_is_refused_naming_the_key():
@@ -77,3 +84,30 @@ def test_a_tied_or_trained_embedding_is_refused_naming_the_key():
 def test_a_table_a_gpu_cannot_read_in_place_is_refused():
     with pytest.raises(RuntimeError, match="not in pinned host memory"):
         cuda_view(torch.zeros(4, 2), torch.device("cuda"))
+
+
+def test_a_table_set_to_train_after_the_offload_is_refused_at_lookup():
+    # on CUDA the rows come from a view the parameter does not own: it would silently get no gradient
+    host = HostEmbedding.from_embedding(_frozen_embedding())
+    host.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="must stay frozen.*offload_embedding: false"):
+        host(torch.tensor([[1, 2]]))
+
+
+def test_a_token_table_that_is_not_a_plain_embedding_is_refused_naming_its_type():
+    class ScaledEmbedding(nn.Embedding):
+        pass
+
+    model = _lora_model(tied=False)
+    model.tok_embeddings = ScaledEmbedding(64, model.tok_embeddings.embedding_dim)
+    model.tok_embeddings.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="tok_embeddings is a ScaledEmbedding.*offload_embedding: false"):
+        offload_token_embedding(model)
+
+
+def test_fsdp_without_ignored_params_is_refused_naming_the_torch_version(monkeypatch):
+    from ftcore.distributed import fsdp
+
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, *, mesh=None, reshard_after_forward=None: module)
+    with pytest.raises(ValueError, match="needs torch >= 2.7.*offload_embedding: false"):
+        fsdp._check_fsdp_can_ignore_params()

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ftcore.demo.tokenizer import CharTokenizer
+from ftcore.modules.host_embedding import compute_device
 
 
 def make_reversal_dataset(path: str, num_rows: int, seed: int, min_len: int = 3, max_len: int = 6) -> str:
@@ -48,7 +49,7 @@ class ExactMatchEvaluator:
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, tokenizer: CharTokenizer) -> dict[str, float]:
-        device = next(model.parameters()).device
+        device = compute_device(model)  # not the token table's, which offload_embedding keeps on the host
         by_length: dict[int, list[tuple[list[int], str]]] = defaultdict(list)
         for prompt, answer in self._rows():
             ids = tokenizer.encode(prompt, add_bos=True, add_eos=False)

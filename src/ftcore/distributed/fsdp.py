@@ -20,6 +20,7 @@ sharding reads each tensor once and keeps only the local shard.
 
 from __future__ import annotations
 
+import inspect
 from typing import cast
 
 import torch
@@ -91,6 +92,7 @@ def shard_model(
     from ftcore.modules.host_embedding import host_parameters
 
     if host_params := host_parameters(model):  # offload_embedding: the table stays whole, in host memory
+        _check_fsdp_can_ignore_params()
         options = {**options, "ignored_params": host_params}
     fully_shard(model, reshard_after_forward=False, **options)
     if hasattr(model, "hidden"):
@@ -154,3 +156,12 @@ def _shard_full_tensors_hook(module, state_dict, prefix, local_metadata, strict,
         if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
             if tuple(value.shape) == tuple(param.shape):  # a wrong shape is left for the loader to report
                 state_dict[key] = shard_like(param, value)
+
+
+def _check_fsdp_can_ignore_params() -> None:
+    """FSDP2 leaves parameters unsharded (`ignored_params`) from torch 2.7; fail clearly before that."""
+    if "ignored_params" not in inspect.signature(fully_shard).parameters:
+        raise ValueError(
+            f"offload_embedding: true under torchrun needs torch >= 2.7 (FSDP2's ignored_params), this is "
+            f"torch {torch.__version__}; upgrade torch or set offload_embedding: false"
+        )

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from ftcore.models.transformer import TransformerDecoder
+from ftcore.modules.host_embedding import compute_device
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -92,7 +93,7 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check_sampling(temperature, top_k, top_p)
-    device = model.norm.weight.device  # not the embedding's: offload_embedding keeps it in host memory
+    device = compute_device(model)  # not the embedding's: offload_embedding keeps it in host memory
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     sampler = functools.partial(
         sample_next, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator

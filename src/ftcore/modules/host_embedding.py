@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger("ftcore")
-_INTEGER_VIEW = {2: ("<i2", torch.int16), 4: ("<i4", torch.int32), 8: ("<i8", torch.int64)}
+_INTEGER_TYPESTR = {1: "|i1", 2: "<i2", 4: "<i4", 8: "<i8"}  # by element size
 
 
 class _HostMemory:
@@ -29,10 +29,10 @@ class _HostMemory:
 
     def __init__(self, table: torch.Tensor):
         self.table = table  # held: the view's memory lives as long as this object
-        typestr, _ = _INTEGER_VIEW[table.element_size()]
         self.__cuda_array_interface__ = {
             "shape": tuple(table.shape),
-            "typestr": typestr,  # the interface has no bf16: an integer of the same width, viewed back
+            # the interface has no bf16: an integer of the same width, viewed back
+            "typestr": _INTEGER_TYPESTR[table.element_size()],
             "data": (table.data_ptr(), False),
             "strides": None,
             "version": 2,
@@ -44,7 +44,8 @@ def cuda_view(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     if not table.is_pinned():
         raise RuntimeError(
             "offload_embedding: the token table is not in pinned host memory, which a GPU cannot read in "
-            "place; this happens when CUDA was not available as the model was built"
+            "place; this happens when CUDA was not available as the model was built. Build the model "
+            "where CUDA is available, or set offload_embedding: false"
         )
     view = torch.as_tensor(_HostMemory(table.contiguous()), device=device).view(table.dtype)
     if view.data_ptr() != table.data_ptr():  # torch copied instead of aliasing: the GPU memory is spent
@@ -56,12 +57,12 @@ def cuda_view(table: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _to_host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`tensor` as a host tensor of `dtype`, page-locked when a GPU may read it (meta: empty)."""
-    pin = torch.cuda.is_available()
-    if tensor.is_meta:
-        return torch.empty(tensor.shape, dtype=dtype, pin_memory=pin)
-    host = tensor.detach().to("cpu", dtype)
-    return host.pin_memory() if pin and not host.is_pinned() else host
+    """`tensor` as a host tensor of `dtype`, page-locked when a GPU may read it (meta: empty).
+
+    Copied straight into the pinned buffer, so the host holds one copy of the table, not two. torch's
+    pinned allocator rounds each allocation up to a power of two (docs/training.md says what it costs)."""
+    host = torch.empty(tensor.shape, dtype=dtype, pin_memory=torch.cuda.is_available())
+    return host if tensor.is_meta else host.copy_(tensor.detach())
 
 
 class HostEmbedding(nn.Embedding):
@@ -74,13 +75,14 @@ class HostEmbedding(nn.Embedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype | None = None):
         super().__init__(num_embeddings, embedding_dim, device="meta", dtype=dtype)
         self.weight.requires_grad_(False)
-        self._views: dict[torch.device, torch.Tensor] = {}
+        self._views: dict[tuple[torch.device, int], torch.Tensor] = {}  # by (device, table address)
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding) -> HostEmbedding:
         if embedding.max_norm is not None:
             raise ValueError(
-                "offload_embedding: an embedding with max_norm rewrites its table; it cannot be offloaded"
+                "offload_embedding: an embedding with max_norm rewrites its table, which host memory cannot "
+                "serve in place; set offload_embedding: false"
             )
         host = cls(embedding.num_embeddings, embedding.embedding_dim, dtype=embedding.weight.dtype)
         host._set_table(_to_host(embedding.weight, embedding.weight.dtype))
@@ -99,11 +101,18 @@ class HostEmbedding(nn.Embedding):
         return self
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad:  # the CUDA view is not linked to the parameter: no gradient would come
+            raise ValueError(
+                "offload_embedding: the token table in host memory was set to train (requires_grad); it "
+                "must stay frozen. Set offload_embedding: false to train the embedding"
+            )
         if tokens.device.type == "cpu":
             return F.embedding(tokens, self.weight)
-        if tokens.device not in self._views:
-            self._views[tokens.device] = cuda_view(self.weight, tokens.device)
-        return F.embedding(tokens, self._views[tokens.device])
+        # keyed by the table's address too: a table replaced (load_state_dict(assign=True)) gets a new view
+        key = (tokens.device, self.weight.data_ptr())
+        if key not in self._views:
+            self._views = {key: cuda_view(self.weight, tokens.device)}
+        return F.embedding(tokens, self._views[key])
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", in host memory"
@@ -122,7 +131,12 @@ def offload_token_embedding(model: nn.Module) -> None:
     embedding = model.get_submodule("tok_embeddings")
     if isinstance(embedding, HostEmbedding):
         return
-    if not isinstance(embedding, nn.Embedding) or embedding.weight.requires_grad:
+    if type(embedding) is not nn.Embedding:
+        raise ValueError(
+            f"offload_embedding: true supports a plain nn.Embedding token table, but tok_embeddings is a "
+            f"{type(embedding).__name__}; set offload_embedding: false"
+        )
+    if embedding.weight.requires_grad:
         raise ValueError(
             "offload_embedding: true needs a frozen token embedding (LoRA, QLoRA, DPO), but this run trains "
             "it (full fine-tuning); set offload_embedding: false"
@@ -135,3 +149,9 @@ def offload_token_embedding(model: nn.Module) -> None:
 def host_parameters(model: nn.Module) -> set[nn.Parameter]:
     """The parameters kept in host memory, which FSDP2 must leave unsharded and in place."""
     return {cast(nn.Parameter, m.weight) for m in model.modules() if isinstance(m, HostEmbedding)}
+
+
+def compute_device(model: nn.Module) -> torch.device:
+    """The device `model` computes on: its first parameter's that is not kept in host memory."""
+    on_host = host_parameters(model)
+    return next(p.device for p in model.parameters() if p not in on_host)

@@ -36,7 +36,7 @@ MEMORY_SETTINGS = (
     ("mlp_chunk_tokens", "set it, e.g. 8192, for long sequences (the MLP in checkpointed chunks)"),
     (
         "offload_embedding",
-        "set it to True (LoRA/QLoRA: the frozen token embedding in host memory, 1 GiB at 8B)",
+        "set it to True (LoRA/QLoRA, untied embeddings: the frozen token table in host memory, 1 GiB at 8B)",
     ),
     ("max_seq_len", "lower it (shorter sequences, or packing with a smaller max_seq_len)"),
     ("model.quantize_base", "set it to True (QLoRA: the frozen base in NF4, about 4x smaller)"),
