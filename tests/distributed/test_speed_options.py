@@ -58,3 +58,22 @@ def test_offload_embedding_is_refused_when_the_run_trains_the_embedding(tmp_path
     cfg.output_dir, cfg.model.tie_embeddings, cfg.offload_embedding = str(tmp_path), False, True
     with pytest.raises(ValueError, match="needs a frozen token embedding"):
         build_parts(cfg, select_trainable=lambda model: list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "model, tied",
+    [
+        ({"_component_": "ftcore.models.lora_llama3_2_1b"}, True),  # the builder's default ties
+        ({"_component_": "ftcore.models.lora_llama3_2_1b", "tie_embeddings": False}, False),
+        ({"_component_": "ftcore.models.lora_llama3_1_8b"}, False),
+        ({"_component_": "ftcore.models.lora_tiny_llama", "tie_embeddings": True}, True),
+    ],
+)
+def test_offload_embedding_of_a_tied_model_is_refused_from_the_config_alone(model, tied):
+    # before the weights load (and by `ftcore validate`): the node's key, else its builder's default
+    cfg = OmegaConf.create({"offload_embedding": True, "model": model})
+    if tied:
+        with pytest.raises(ValueError, match="ties its output projection.*offload_embedding: false"):
+            speed_options(cfg)
+    else:
+        assert speed_options(cfg)["offload_embedding"] is True

@@ -8,12 +8,14 @@ blocks, as torchtitan's `parallelize_llama` orders them). Model files import no 
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import cast
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ftcore.config.instantiate import COMPONENT_KEY, locate
 from ftcore.models.transformer import TransformerBlock
 from ftcore.modules.lora import LoRALinear
 from ftcore.training.selective_checkpoint import CheckpointPlan, checkpoint_plan
@@ -82,6 +84,23 @@ def _check_offloading(activation_checkpointing: bool) -> None:
         )
 
 
+def _ties_embeddings(model_node) -> bool:
+    """Whether the config's model ties its output projection to the token table: the node's
+    `tie_embeddings`, else its builder's default (False where neither says, as for a missing builder)."""
+    if "tie_embeddings" in model_node:
+        return bool(model_node["tie_embeddings"])
+    component = model_node.get(COMPONENT_KEY)
+    try:
+        builder = locate(component) if isinstance(component, str) else None
+        default = inspect.signature(builder).parameters.get("tie_embeddings") if builder else None
+    except (
+        TypeError,
+        ValueError,
+    ):  # a bad component (ConfigError is a ValueError): the config check reports it
+        return False
+    return default is not None and default.default is True
+
+
 def speed_options(cfg) -> dict:
     """The config keys that choose how a model runs (not what it computes), as `parallelize` keywords.
 
@@ -110,6 +129,10 @@ def speed_options(cfg) -> dict:
     )
     if options["activation_offloading"]:
         _check_offloading(options["activation_checkpointing"])
+    if options["offload_embedding"] and _ties_embeddings(model_node):
+        from ftcore.modules.host_embedding import TIED_REFUSAL
+
+        raise ValueError(TIED_REFUSAL)
     if options["mlp_chunk_tokens"] is not None:
         from ftcore.training.chunked_mlp import check_chunk_tokens
 

@@ -24,6 +24,13 @@ log = logging.getLogger("ftcore")
 _INTEGER_TYPESTR = {1: "|i1", 2: "<i2", 4: "<i4", 8: "<i8"}  # by element size
 
 
+TIED_REFUSAL = (
+    "offload_embedding: true: this model ties its output projection to the token embedding (e.g. Llama 3.2 "
+    "1B/3B, model.tie_embeddings: true), which every step multiplies in full on the GPU; set "
+    "offload_embedding: false"
+)
+
+
 class _HostMemory:
     """Pinned host memory described as CUDA-addressable (`__cuda_array_interface__`), under UVA."""
 
@@ -124,10 +131,7 @@ def offload_token_embedding(model: nn.Module) -> None:
     Refused for a tied embedding (the output projection reads it whole every step) and for a trained
     one, each naming the config key to change."""
     if getattr(model, "tied_embeddings", False):
-        raise ValueError(
-            "offload_embedding: true: this model ties its output projection to the token embedding (e.g. "
-            "Llama 3.2 1B/3B), which every step multiplies in full on the GPU; set offload_embedding: false"
-        )
+        raise ValueError(TIED_REFUSAL)
     embedding = model.get_submodule("tok_embeddings")
     if isinstance(embedding, HostEmbedding):
         return
