@@ -176,18 +176,22 @@ def test_lora_from_hf_checkpoint_is_the_same_on_one_and_two_ranks(hf_base, tmp_p
 def test_offloaded_embedding_trains_alike_on_one_and_two_ranks(tmp_path):
     """`offload_embedding`: the untied token table in host memory, left out of FSDP2's sharding, loaded
     from the checkpoint into the host tensor on every rank. One process without it, one with it and two
-    ranks with it log the same losses and export the same adapter."""
+    ranks with it log the same losses and export the same adapter and merged model (the merge reads the
+    table from host memory)."""
     base = _hf_checkpoint(tmp_path / "base", tie_embeddings=False)
-    extra = [*base, "model.tie_embeddings=false", "max_steps=2", "~dataset_val", "~evaluators"]
+    extra = [*base, "model.tie_embeddings=false", "max_steps=2", "~dataset_val", "~evaluators",
+             "+save_merged_model=true"]  # fmt: skip
     run_one_process("lora_finetune", tmp_path / "plain", *extra)
     run_one_process("lora_finetune", tmp_path / "one", *extra, "offload_embedding=true")
     assert "token table" in run_two_processes(
         "lora_finetune", tmp_path / "two", *extra, "offload_embedding=true"
     )
     exported = f"step_000002/{EXPORTED['lora_finetune']}"
+    merged = "merged_model/model.safetensors"  # in the input checkpoint's format, HF
     for other in ("one", "two"):
         assert logged(tmp_path / other, "loss") == pytest.approx(logged(tmp_path / "plain", "loss"), abs=TOL)
         assert_same_tensors(tmp_path / "plain" / exported, tmp_path / other / exported)
+    assert_same_tensors(tmp_path / "plain" / merged, tmp_path / "one" / merged)
 
 
 def test_qlora_two_processes_match_one(tmp_path):
