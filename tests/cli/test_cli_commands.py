@@ -113,6 +113,20 @@ def test_validate_checks_the_speed_switches_of_a_fine_tuning_config(override, wo
     assert "reverse_lora.yaml" in err and words in err
 
 
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("loss.beta=-0.1", "loss.beta must be > 0"),
+        ("loss.label_smoothing=0.5", "loss.label_smoothing must be in [0, 0.5)"),
+        ("loss.chunk_size=0", "loss.chunk_size must be >= 1"),
+    ],
+)
+def test_validate_checks_the_values_of_ftcores_loss(override, words, capsys):
+    assert main(["validate", "lora_dpo", "--config", "stories/260K_lora_dpo", override]) == 2
+    err = capsys.readouterr().err
+    assert "260K_lora_dpo.yaml: `loss`" in err and words in err
+
+
 def test_unknown_flag_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["ls", "--bogus"])

@@ -201,3 +201,18 @@ def test_a_longer_resumed_run_trains_on_at_its_own_schedules_lr(tmp_path, caplog
     lrs = dict(zip(_logged(tmp_path, "step"), _logged(tmp_path, "lr"), strict=True))
     assert lrs[4] > 0 and lrs[5] > 0 and lrs[6] > 0
     assert "with a different lr or schedule" in caplog.text
+
+
+def test_resuming_with_another_lora_rank_is_refused_naming_the_tensor(tmp_path):
+    common = ["~dataset_val", "~evaluators", "save_every_n_steps=2", "max_steps=2"]
+    run("lora_finetune", demo_config("demo/reverse_lora", tmp_path, *common))
+    resumed = demo_config(
+        "demo/reverse_lora",
+        tmp_path,
+        *common,
+        "max_steps=4",
+        "model.lora_rank=4",
+        "resume_from_checkpoint=true",
+    )
+    with pytest.raises(ValueError, match=r"lora_a.weight was saved with shape \(16, .*model.lora_rank"):
+        run("lora_finetune", resumed)

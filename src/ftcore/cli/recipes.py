@@ -116,7 +116,23 @@ def validate_for_recipe(cfg: DictConfig, recipe_path: Path, source: str) -> int:
     count = validate_config(cfg, declarations.config_keys, source, declarations.runtime_args)
     if declarations.config_keys and "enable_activation_checkpointing" in declarations.config_keys:
         _check_speed_options(cfg, source)
+    _check_loss_values(cfg, source)
     return count
+
+
+def _check_loss_values(cfg: DictConfig, source: str) -> None:
+    """Build the config's `loss` when it is one of ftcore's (they hold a few numbers and load nothing), so
+    `ftcore validate` reports a value its constructor refuses (a negative DPO beta, a zero chunk size)."""
+    from ftcore.config import instantiate
+
+    node = cfg.get("loss")
+    component = node.get("_component_") if isinstance(node, DictConfig) else None
+    if not (isinstance(component, str) and component.startswith("ftcore.")):
+        return
+    try:
+        instantiate(node)
+    except ValueError as error:
+        raise ConfigError(source, "loss", str(error).rstrip(".")) from error
 
 
 def _check_speed_options(cfg: DictConfig, source: str) -> None:

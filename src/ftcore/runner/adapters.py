@@ -47,13 +47,22 @@ def write_adapter(session, cfg: DictConfig, folder: Path) -> dict:
 def read_adapter(session, folder: Path, saved: dict) -> None:
     """Put the saved adapter back; a sharded model keeps its shard of each tensor (load hooks)."""
     model = session.parts.model
-    expected = set(get_adapter_params(model))
+    params = get_adapter_params(model)
+    expected = set(params)
     if unknown := sorted(set(saved) - expected):
         raise ValueError(f"{folder}: saved adapter tensors {unknown[:4]} are not in the model's adapters")
     if missing := sorted(expected - set(saved)):
         raise ValueError(
             f"{folder}: the checkpoint lacks adapter tensors {missing[:4]} (of {len(missing)}); resuming would "
             "start them fresh under a trained optimizer state. Check the LoRA settings match the run that saved it"
+        )
+    # a DTensor's shape is the whole tensor's, as saved
+    if mismatched := [n for n in sorted(saved) if tuple(saved[n].shape) != tuple(params[n].shape)]:
+        name = mismatched[0]
+        raise ValueError(
+            f"{folder}: adapter tensor {name} was saved with shape {tuple(saved[name].shape)}, this run's is "
+            f"{tuple(params[name].shape)} ({len(mismatched)} tensors differ). Resume with the LoRA settings "
+            "(model.lora_rank, targets) of the run that saved it, or start a new run"
         )
     model.load_state_dict(saved, strict=False)
 
