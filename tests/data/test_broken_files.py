@@ -46,6 +46,8 @@ CASES = [
      instruct_dataset, {}, ["a.json:3: row is a JSON list, expected an object"]),
     ("missing-column", "a.json", rows_json(GOOD_ALPACA, {"instruction": "a", "response": "b"}),
      instruct_dataset, {}, ["a.json:3: missing column 'output'", "'instruction', 'response'", "column_map"]),
+    ("one-line-list", "a.json", json.dumps([GOOD_ALPACA, GOOD_ALPACA, {"instruction": "a"}]),
+     instruct_dataset, {}, ["a.json:1 (row 3): missing column 'output'"]),
     ("empty-output", "a.json", rows_json({"instruction": "a", "output": "  "}),
      instruct_dataset, {}, ["a.json:2: column 'output' is empty"]),
     ("null-instruction", "a.json", rows_json({"instruction": None, "output": "b"}),
@@ -133,3 +135,10 @@ def test_empty_folder_and_missing_hub_library(tmp_path, byte_tokenizer, monkeypa
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if `datasets` were not installed
     with pytest.raises(ValueError, match="neither a local file nor a folder.*pip install datasets"):
         instruct_dataset(byte_tokenizer, "tatsu-lab/alpaca")
+
+
+@pytest.mark.parametrize("source", ["/no/such/rows.json", "./rows.jsonl", "data/rows.csv"])
+def test_a_missing_local_path_is_reported_as_missing_not_as_a_hub_name(source, byte_tokenizer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ValueError, match=f"dataset source '{source}' does not exist.*looked for at"):
+        instruct_dataset(byte_tokenizer, source)

@@ -204,7 +204,7 @@ def preference_dataset(
     if alike:
         log.warning(
             "%s: dropped %d pair(s) whose chosen and rejected answers are the same tokens up to max_seq_len "
-            "(first: %s); raise max_seq_len to tell them apart", source, len(alike), alike[0],
+            "(first: %s); where the answers differ past max_seq_len, raise it to tell them apart", source, len(alike), alike[0],
         )  # fmt: skip
     return TokenizedDataset(
         samples,

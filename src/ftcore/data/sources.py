@@ -46,7 +46,17 @@ def load_rows(
             rows += file_rows
             bad += file_bad
         return rows, bad
+    if _looks_local(str(source), path):
+        raise ValueError(
+            f"dataset source {str(source)!r} does not exist (no such file or folder, looked for at "
+            f"{path.absolute()}); check the path, or give a hub dataset name such as 'tatsu-lab/alpaca'"
+        )
     return _read_hub(str(source), data_files, hub_split), []
+
+
+def _looks_local(source: str, path: Path) -> bool:
+    """A path, not a hub name: absolute, `./`/`../`/`~` relative, or a data file's suffix."""
+    return path.is_absolute() or source.startswith((".", "~")) or path.suffix in SUFFIXES
 
 
 def _data_files_in(folder: Path, data_files: str | list[str] | None) -> list[Path]:
@@ -101,10 +111,20 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[SourceRow], list[BadRow]]:
 
 
 def _read_json_list(path: Path, text: str) -> tuple[list[SourceRow], list[BadRow]]:
-    """Decode a top-level JSON list item by item, so each row knows its line number."""
-    decoder = json.JSONDecoder()
+    """Decode a top-level JSON list item by item, so each row knows its line number (and, where rows
+    share lines, as in a list written on one line, its row number)."""
+    items = _json_list_items(path, text)  # (line, item)
+    shared_lines = len({line for line, _ in items}) < len(items)
     rows: list[SourceRow] = []
     bad: list[BadRow] = []
+    for number, (line, item) in enumerate(items, start=1):
+        _append_item(rows, bad, f"{path}:{line}" + (f" (row {number})" if shared_lines else ""), item)
+    return rows, bad
+
+
+def _json_list_items(path: Path, text: str) -> list[tuple[int, object]]:
+    decoder = json.JSONDecoder()
+    items: list[tuple[int, object]] = []
     pos = text.index("[") + 1
     expect_item = True
     while True:
@@ -112,7 +132,7 @@ def _read_json_list(path: Path, text: str) -> tuple[list[SourceRow], list[BadRow
         if pos >= len(text):
             raise _json_error(path, text, pos, "the file ends before the closing ']'")
         char = text[pos]
-        if char == "]" and (not expect_item or not rows and not bad):
+        if char == "]" and (not expect_item or not items):
             break
         if char == "," and not expect_item:
             pos, expect_item = pos + 1, True
@@ -123,11 +143,11 @@ def _read_json_list(path: Path, text: str) -> tuple[list[SourceRow], list[BadRow
             item, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise _json_error(path, text, e.pos, e.msg) from None
-        _append_item(rows, bad, f"{path}:{_line_of(text, pos)}", item)
+        items.append((_line_of(text, pos), item))
         pos, expect_item = end, False
     if text[pos + 1 :].strip():
         raise _json_error(path, text, _skip_space(text, pos + 1), "extra data after the closing ']'")
-    return rows, bad
+    return items
 
 
 def _skip_space(text: str, pos: int) -> int:
