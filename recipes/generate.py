@@ -34,6 +34,21 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
 }
 
 
+def _message(index: int, fields) -> Message:
+    """messages[index] of the config as a Message; a wrong shape or key is named, with the keys it takes."""
+    if not isinstance(fields, dict):
+        raise ValueError(
+            f"messages[{index}] must be a mapping such as {{role: user, content: hi}}, got {fields!r}"
+        )
+    try:
+        return Message(**fields)
+    except TypeError:
+        raise ValueError(
+            f"messages[{index}] has keys {sorted(fields)}; a message takes role and content (and optionally "
+            "masked), e.g. {role: user, content: hi}. In YAML flow style put a space after each colon"
+        ) from None
+
+
 class GenerateRecipe:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -48,8 +63,11 @@ class GenerateRecipe:
                 'set exactly one of `prompt` (a string; "" starts from BOS) or `messages` (a chat)'
             )
         check_sampling(float(cfg.get("temperature", 0.0)), cfg.get("top_k"), cfg.get("top_p"))
+        if cfg.get("max_new_tokens", 200) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {cfg.get('max_new_tokens')}")
         seed_everything(self.seed)
         self.tokenizer = instantiate(self.cfg.tokenizer)
+        self.prompt = self.prompt_tokens()  # before the model loads: a bad message fails in a moment
         checkpointer = instantiate(self.cfg.checkpointer)
         self.model = build_model(self.cfg.model, self.device, self.dtype, checkpointer).eval()
         vocab = self.model.tok_embeddings.num_embeddings
@@ -60,7 +78,9 @@ class GenerateRecipe:
 
     def prompt_tokens(self) -> list[int]:
         if self.cfg.get("messages") is not None:
-            messages = [Message(**m) for m in OmegaConf.to_container(self.cfg.messages, resolve=True)]
+            messages = [
+                _message(i, m) for i, m in enumerate(OmegaConf.to_container(self.cfg.messages, resolve=True))
+            ]
             # A last assistant message is an answer to continue; otherwise the model answers the last turn.
             answering = messages[-1].role != "assistant"
             tokens, _ = self.tokenizer.tokenize_messages(
@@ -71,7 +91,7 @@ class GenerateRecipe:
 
     def generate(self) -> str:
         """Return (and print) the prompt followed by the generated text."""
-        prompt = self.prompt_tokens()
+        prompt = self.prompt
         started = time.perf_counter()
         new_tokens = generate(
             self.model,

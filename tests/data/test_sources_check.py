@@ -125,3 +125,19 @@ def test_check_cli_reads_a_gguf_files_vocabulary(assets, capsys):
     gguf = assets / "models" / "stories260K.gguf"
     assert main([str(data), "--format", "alpaca", "--tokenizer", str(gguf)]) == 0
     assert "bad rows                         0" in capsys.readouterr().out
+
+
+def test_check_cli_builds_a_config_source_that_is_a_component(tmp_path, capsys):
+    # the demo's source is a generator component that writes its rows: checked as a recipe would build it
+    overrides = [f"output_dir={tmp_path}", "dataset.source.num_rows=40"]
+    assert main(["--config", "demo/reverse_lora", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "rows read                        40" in out and str(tmp_path / "data") in out
+
+
+def test_check_cli_fails_a_file_without_rows(tmp_path, assets, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    tokenizer = assets / "tokenizers" / "llama3_tokenizer.model"
+    assert main([str(empty), "--format", "alpaca", "--tokenizer", str(tokenizer)]) == 1
+    assert "holds no rows" in capsys.readouterr().out

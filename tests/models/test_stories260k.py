@@ -125,3 +125,17 @@ def test_sampling_settings_that_sample_nothing_are_refused_at_setup(assets, sett
     cfg = _config(assets, **{"temperature": 0.8, **setting})
     with pytest.raises(ValueError, match=message):
         _generate_recipe_module().GenerateRecipe(cfg).setup()
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+     ({"prompt": None, "messages": [{"role": "usr", "content": "hi"}]}, "role 'usr' is not supported"),
+     ({"prompt": None, "messages": [{"role:user": None}]}, r"messages\[0\] has keys \['role:user'\]"),
+     ({"prompt": None, "messages": ["hi"]}, r"messages\[0\] must be a mapping")],
+)  # fmt: skip
+def test_bad_generation_settings_are_refused_before_the_model_loads(assets, setting, message, monkeypatch):
+    module = _generate_recipe_module()
+    monkeypatch.setattr(module, "build_model", lambda *a: pytest.fail("the model was built first"))
+    with pytest.raises(ValueError, match=message):
+        module.GenerateRecipe(_config(assets, **setting)).setup()

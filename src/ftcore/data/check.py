@@ -6,7 +6,7 @@
 
 Prints one table: rows read, bad rows (file:line and reason), exact and near duplicates, token
 length histogram, truncation, trained tokens and tokens per epoch. Exit status 1 when any row is bad
-(so it can gate a CI job), else 0.
+or there is none (so it can gate a CI job), else 0.
 """
 
 from __future__ import annotations
@@ -244,8 +244,11 @@ def settings_from_config(argv_config: str, overrides: list[str]) -> tuple[Any, C
     fmt = BUILDER_FORMATS[builder]
     if fmt == "chat":
         fmt = node.get("conversation_style", "auto")
+    source = node["source"]
+    if isinstance(source, dict) and "_component_" in source:  # built, as the recipes build it (the demo's
+        source = instantiate(cfg.dataset.source)  # generator writes its rows and returns the file)
     settings = CheckSettings(
-        source=node["source"],
+        source=source,
         format=fmt,
         max_seq_len=node.get("max_seq_len"),
         train_on_input=node.get("train_on_input", fmt == "text"),
@@ -308,6 +311,11 @@ def main(argv: list[str]) -> int:
         print(f"ftcore data check: {e}")
         return 2
     print(format_report(report, settings))
+    if report.rows_read == 0:  # a recipe would refuse it: nothing to train on
+        print(
+            f"ftcore data check: {settings.source} holds no rows (split {settings.split}); nothing to train on"
+        )
+        return 1
     return 1 if report.bad_rows else 0
 
 
