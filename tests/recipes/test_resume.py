@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.recipes.helpers import ftcore_run_command, trained_weights
@@ -29,8 +30,9 @@ OVERRIDES = [
 ]
 
 
-def _ftcore_run(output_dir: Path, *extra: str) -> subprocess.Popen:
+def _ftcore_run(output_dir: Path, *extra: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
     command = ftcore_run_command(
+        *launcher,  # torchrun flags, before the recipe
         "lora_finetune",
         "--config",
         "demo/reverse_lora",
@@ -94,3 +96,43 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from_without_a_traceback(tmp_path
     assert run.returncode == 130, stderr
     assert "interrupted at step" in stderr and "resume_from_checkpoint=true" in stderr
     assert "Traceback" not in stderr
+
+
+def _processes_of(output_dir: Path) -> list[str]:
+    """The processes (torchrun, ranks) whose command line names `output_dir`."""
+    listing = subprocess.run(
+        ["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True
+    ).stdout.splitlines()
+    return [line for line in listing if f"output_dir={output_dir}" in line and "ps -ww" not in line]
+
+
+def _wait_until_gone(output_dir: Path, timeout: float = 60.0) -> list[str]:
+    deadline = time.time() + timeout
+    while (left := _processes_of(output_dir)) and time.time() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+@pytest.mark.parametrize("how", ["kill -9 torchrun", "SIGTERM to ftcore run"])
+def test_a_killed_torchrun_job_takes_its_ranks_with_it(tmp_path, how):
+    # Orphaned ranks used to train on and write into the output folder a resumed job would then share.
+    from tests.recipes.test_distributed_recipes import _free_port
+
+    out = tmp_path / "out"
+    launcher = ("--nproc_per_node=2", f"--master_port={_free_port()}")
+    job = _ftcore_run(out, "epochs=1000", "max_steps=100000", "device=cpu", launcher=launcher)
+    _wait_for(out / "step_000004" / "training_state.json", job)
+    if how == "kill -9 torchrun":
+        torchrun = next(line for line in _processes_of(out) if "torch.distributed.run" in line)
+        os.kill(int(torchrun.split()[0]), signal.SIGKILL)
+        expected_status = 128 + signal.SIGKILL
+    else:
+        job.send_signal(signal.SIGTERM)
+        expected_status = 128 + signal.SIGTERM
+    try:
+        assert _wait_until_gone(out) == []
+    finally:
+        for line in _processes_of(out):  # never leave a rank behind for the next test
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+    assert job.wait(timeout=30) == expected_status
+    assert "interrupted at step" in job.stderr.read()  # the ranks said which checkpoint to resume from

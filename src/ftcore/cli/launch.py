@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ftcore.cli.lifetime import interrupt_on_sigterm, stop_when_parent_dies
 from ftcore.cli.run import run_in_process
 from ftcore.config import ConfigError
 from ftcore.config.errors import RunSetupError
@@ -21,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe")
     parser.add_argument("--config", required=True)
     args, overrides = parser.parse_known_args(argv)
+    stop_when_parent_dies()  # torchrun killed: this rank stops too, rather than train on unseen
+    interrupt_on_sigterm()  # torchrun's SIGTERM ends the rank as Ctrl-C does
     try:
         return run_in_process(args.recipe, args.config, overrides)
     except RunSetupError as exc:  # may be this rank's own (a node-local path, its GPU): say which rank
@@ -29,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # the same config on every rank: the same line
         print(f"ftcore: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C (torchrun forwards it): 130, and still leave through exit_process
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (torchrun forwards both): 130, through exit_process
         return 130
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ftcore.cli.lifetime import run_launcher
 from ftcore.cli.recipes import import_recipe, resolve_recipe, validate_for_recipe
 from ftcore.config import apply_overrides, load_config, resolve_config_path
 
@@ -59,8 +59,4 @@ def cmd_run(args: argparse.Namespace, overrides: list[str]) -> int:
         "-m", "ftcore.cli.launch", str(recipe_path), "--config", str(config_path), *overrides,
     ]  # fmt: skip
     print("ftcore run: launching python " + " ".join(command[1:]), file=sys.stderr, flush=True)
-    launcher_process = subprocess.Popen(command)
-    try:
-        return launcher_process.wait()
-    except KeyboardInterrupt:  # torchrun got the same Ctrl-C and stops its ranks: wait for it to finish
-        return launcher_process.wait()
+    return run_launcher(command)
