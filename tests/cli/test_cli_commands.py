@@ -167,3 +167,15 @@ def test_validate_warns_of_each_missing_input_path_once(tmp_path, capsys):
         f"warning: tokenizer.path, model.path, checkpointer.path: {absent} does not exist on this machine; "
         "the run stops at setup unless it exists where it runs"
     ]
+
+
+@pytest.mark.parametrize("override", ["model.lora_attn_modules=[q_proj,", "model={b", "optimizer.lr=${nope"])
+def test_an_override_that_is_not_valid_yaml_is_one_line_naming_it(override, capsys):
+    assert main(["validate", "lora_finetune", "--config", "demo/reverse_lora", override]) == 2
+    err = capsys.readouterr().err
+    assert f"override `{override}`" in err and "is not valid YAML" in err and "Traceback" not in err
+
+
+def test_cat_resolve_of_a_broken_interpolation_is_one_line(capsys):
+    assert main(["cat", "demo/reverse_lora", "--resolve", "optimizer.lr=${nope}"]) == 2
+    assert "`optimizer.lr`: cannot resolve interpolation" in capsys.readouterr().err

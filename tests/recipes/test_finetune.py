@@ -216,3 +216,10 @@ def test_resuming_with_another_lora_rank_is_refused_naming_the_tensor(tmp_path):
     )
     with pytest.raises(ValueError, match=r"lora_a.weight was saved with shape \(16, .*model.lora_rank"):
         run("lora_finetune", resumed)
+
+
+def test_a_configured_logger_of_metrics_jsonl_does_not_double_its_lines(tmp_path):
+    logger = "metric_logger={_component_: ftcore.training.JSONLLogger, path: '${output_dir}/metrics.jsonl'}"
+    cfg = demo_config("demo/reverse_lora", tmp_path, "~dataset_val", "~evaluators", "max_steps=3", logger)
+    run("lora_finetune", cfg)
+    assert _logged(tmp_path, "step") == [1, 2, 3]

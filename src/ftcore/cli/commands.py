@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ftcore import paths, registry
 from ftcore.cli.recipes import resolve_recipe, validate_for_recipe
@@ -24,7 +25,7 @@ from ftcore.config import (
 )
 from ftcore.config.errors import did_you_mean
 from ftcore.config.input_paths import missing_input_paths
-from ftcore.config.instantiate import to_plain
+from ftcore.config.instantiate import interpolation_error, to_plain
 from ftcore.paths import shown_path
 
 
@@ -78,7 +79,11 @@ def cmd_cp(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_cat(args: argparse.Namespace, overrides: list[str]) -> int:
     source = str(resolve_config_path(args.name))
     cfg = apply_overrides(load_config(args.name), overrides, source=source)
-    print(OmegaConf.to_yaml(cfg, resolve=args.resolve), end="")
+    try:
+        text = OmegaConf.to_yaml(cfg, resolve=args.resolve)
+    except OmegaConfBaseException as exc:  # --resolve met a broken `${...}`
+        raise interpolation_error(exc, source) from None
+    print(text, end="")
     return 0
 
 

@@ -31,11 +31,14 @@ def to_plain(cfg: Any, source: str = "config", prefix: str = "") -> Any:
             source, key, "a required value is not set (`???`)", f"Set it: `{key}=VALUE`."
         ) from None
     except OmegaConfBaseException as exc:
-        key = ".".join(filter(None, [prefix, str(getattr(exc, "full_key", "") or "")]))
-        problem = str(exc).splitlines()[0]
-        raise ConfigError(
-            source, key, f"cannot resolve interpolation: {problem}", "Fix the `${...}` reference."
-        ) from None
+        raise interpolation_error(exc, source, prefix) from None
+
+
+def interpolation_error(exc: OmegaConfBaseException, source: str, prefix: str = "") -> ConfigError:
+    """OmegaConf's error on a broken `${...}` as a ConfigError naming the key."""
+    key = ".".join(filter(None, [prefix, str(getattr(exc, "full_key", "") or "")]))
+    problem = str(exc).splitlines()[0]
+    return ConfigError(source, key, f"cannot resolve interpolation: {problem}", "Fix the `${...}` reference.")
 
 
 def _is_module_path(name: str, missing: str | None) -> bool:

@@ -14,6 +14,7 @@ from typing import cast
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ftcore import paths
 from ftcore.config.errors import ConfigError, did_you_mean
@@ -137,7 +138,15 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], source: str = "comman
             raise ConfigError(
                 where, key, "malformed override", "Write `key.path=value`, `+new.key=value` or `~key.path`."
             )
-        value = parse_value(raw)
+        try:
+            value = parse_value(raw)
+        except (yaml.YAMLError, OmegaConfBaseException) as error:  # scanner, parser, interpolation grammar
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(
+                where, key, f"the value is not valid YAML ({problem})",
+                "Quote the whole override for the shell, close every [ and {, and put a space after each : "
+                "inside braces, e.g. 'model.lora_attn_modules=[q_proj, v_proj]'",
+            ) from None  # fmt: skip
         parent, last = _parent_of(cfg, key, where, create=adding)
         _check_container(parent, key, where)
         exists = _has(parent, last)

@@ -92,9 +92,12 @@ def build_logger(cfg: DictConfig, output_dir: Path, is_main: bool):
 
     if not is_main:
         return _SilentLogger()
-    return MultiLogger(
-        [build_metric_logger(cfg.get("metric_logger")), JSONLLogger(output_dir / "metrics.jsonl")]
-    )
+    configured = build_metric_logger(cfg.get("metric_logger"))
+    metrics_file = (output_dir / "metrics.jsonl").resolve()
+    loggers = configured.loggers if isinstance(configured, MultiLogger) else [configured]
+    if any(isinstance(x, JSONLLogger) and x.path.resolve() == metrics_file for x in loggers):
+        return configured  # the config already writes metrics.jsonl: a second writer would double each line
+    return MultiLogger([configured, JSONLLogger(metrics_file)])
 
 
 def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], list]) -> RunParts:
