@@ -179,3 +179,18 @@ def test_an_override_that_is_not_valid_yaml_is_one_line_naming_it(override, caps
 def test_cat_resolve_of_a_broken_interpolation_is_one_line(capsys):
     assert main(["cat", "demo/reverse_lora", "--resolve", "optimizer.lr=${nope}"]) == 2
     assert "`optimizer.lr`: cannot resolve interpolation" in capsys.readouterr().err
+
+
+def test_validate_does_not_warn_of_files_the_run_writes_into_its_output_dir(tmp_path, capsys):
+    # the demo generates its train/val files under output_dir at setup; they are not missing inputs
+    assert (
+        main(["validate", "lora_finetune", "--config", "demo/reverse_lora", f"output_dir={tmp_path}/new"])
+        == 0
+    )
+    assert "does not exist" not in capsys.readouterr().err
+    absent = tmp_path / "elsewhere" / "val.jsonl"
+    assert (
+        main(["validate", "lora_finetune", "--config", "demo/reverse_lora", f"evaluators.0.path={absent}"])
+        == 0
+    )
+    assert f"evaluators[0].path: {absent} does not exist" in capsys.readouterr().err

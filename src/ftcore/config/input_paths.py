@@ -19,8 +19,18 @@ DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow", ".gz")
 
 
 def missing_input_paths(plain: dict[str, Any]) -> list[tuple[str, str]]:
-    """(dotted key, path) of each input path in the resolved config that does not exist here."""
-    missing = [(key, path) for key, path in _input_paths(plain, "") if not Path(path).expanduser().exists()]
+    """(dotted key, path) of each input path in the resolved config that does not exist here.
+
+    Paths inside `output_dir` are left out: the run writes them (the demo generates its data there)."""
+    outputs = (
+        Path(str(plain.get("output_dir", ""))).expanduser().absolute() if plain.get("output_dir") else None
+    )
+    missing = [
+        (key, path)
+        for key, path in _input_paths(plain, "")
+        if not Path(path).expanduser().exists()
+        and not (outputs and Path(path).expanduser().absolute().is_relative_to(outputs))
+    ]
     resume = plain.get("resume_from_checkpoint")
     if isinstance(resume, str) and not Path(resume).expanduser().exists():
         missing.append(("resume_from_checkpoint", resume))
@@ -39,7 +49,7 @@ def _input_paths(node: Any, prefix: str) -> list[tuple[str, str]]:
         if in_component and key in PATH_ARGUMENTS and isinstance(value, str):
             found.append((dotted, value))
         elif in_component and key in DATA_ARGUMENTS:
-            found += [(dotted, v) for v in _as_list(value) if _looks_local(v)]
+            found += [(dotted, v) for v in _as_list(value) if looks_local(v)]
         else:
             found += _input_paths(value, dotted)
     return found
@@ -50,6 +60,6 @@ def _as_list(value: Any) -> list[str]:
     return [v for v in values if isinstance(v, str)]
 
 
-def _looks_local(source: str) -> bool:
+def looks_local(source: str) -> bool:
     """`org/name` is a Hub dataset; a file suffix or a leading /, ., ~ is a local path."""
     return source.startswith(("/", ".", "~")) or source.lower().endswith(DATA_SUFFIXES)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftcore.config.input_paths import looks_local
+
 SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -46,17 +48,12 @@ def load_rows(
             rows += file_rows
             bad += file_bad
         return rows, bad
-    if _looks_local(str(source), path):
+    if looks_local(str(source)):
         raise ValueError(
             f"dataset source {str(source)!r} does not exist (no such file or folder, looked for at "
             f"{path.absolute()}); check the path, or give a hub dataset name such as 'tatsu-lab/alpaca'"
         )
     return _read_hub(str(source), data_files, hub_split), []
-
-
-def _looks_local(source: str, path: Path) -> bool:
-    """A path, not a hub name: absolute, `./`/`../`/`~` relative, or a data file's suffix."""
-    return path.is_absolute() or source.startswith((".", "~")) or path.suffix in SUFFIXES
 
 
 def _data_files_in(folder: Path, data_files: str | list[str] | None) -> list[Path]:
