@@ -113,7 +113,7 @@ def _wait_until_gone(output_dir: Path, timeout: float = 60.0) -> list[str]:
     return left
 
 
-@pytest.mark.parametrize("how", ["kill -9 torchrun", "SIGTERM to ftcore run"])
+@pytest.mark.parametrize("how", ["kill -9 torchrun", "SIGTERM to ftcore run", "kill -9 ftcore run"])
 def test_a_killed_torchrun_job_takes_its_ranks_with_it(tmp_path, how):
     # Orphaned ranks used to train on and write into the output folder a resumed job would then share.
     from tests.recipes.test_distributed_recipes import _free_port
@@ -126,9 +126,12 @@ def test_a_killed_torchrun_job_takes_its_ranks_with_it(tmp_path, how):
         torchrun = next(line for line in _processes_of(out) if "torch.distributed.run" in line)
         os.kill(int(torchrun.split()[0]), signal.SIGKILL)
         expected_status = 128 + signal.SIGKILL
-    else:
+    elif how == "SIGTERM to ftcore run":
         job.send_signal(signal.SIGTERM)
         expected_status = 128 + signal.SIGTERM
+    else:  # torchrun is told by the kernel (its parent died), and stops the ranks
+        job.send_signal(signal.SIGKILL)
+        expected_status = -signal.SIGKILL  # as Popen reports a process killed by a signal
     try:
         assert _wait_until_gone(out) == []
     finally:

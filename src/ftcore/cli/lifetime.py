@@ -12,6 +12,7 @@ short leaves the previous one whole.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -21,12 +22,20 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
 def stop_when_parent_dies() -> None:
-    """Have the kernel send this process SIGTERM when its parent exits (Linux; elsewhere nothing)."""
-    if not sys.platform.startswith("linux"):
+    """Have the kernel send this process SIGTERM when its parent exits (Linux; elsewhere nothing).
+
+    Also run between fork and exec (`preexec_fn`): the C library is looked up beforehand, in the parent
+    (`run_launcher`), so the child only makes the call."""
+    libc = _libc()
+    if libc is None:
         return
     parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before the request was in place
         os.kill(os.getpid(), signal.SIGTERM)
@@ -45,6 +54,7 @@ def run_launcher(command: list[str]) -> int:
     """Run torchrun to its end, forwarding SIGTERM/SIGHUP to it; a signal's exit status as a shell's.
 
     Ctrl-C reaches torchrun from the terminal too; it stops its ranks and exits 1, reported here as 130."""
+    _libc()  # loaded here, not in the forked child
     launcher = subprocess.Popen(command, preexec_fn=stop_when_parent_dies)
     received: list[int] = []
 
