@@ -181,3 +181,58 @@ def test_saved_hf_folder_carries_the_bases_tokenizer_files(tmp_path, assets):
     assert Llama3Tokenizer(str(tmp_path / "merged" / "original" / "tokenizer.model")).encode(
         "Hello world", add_bos=False, add_eos=False
     ) == [9906, 1917]  # the ids Meta's tokenizer gives (assets README)
+
+
+def _lora_model(sizes: dict, quantize_base: bool) -> M.TransformerDecoder:
+    with torch.device("meta"):
+        model = M.lora_transformer_decoder(
+            ["q_proj", "v_proj"], apply_lora_to_mlp=True, quantize_base=quantize_base, **sizes
+        )
+    model.to_empty(device="cpu")
+    M.init_weights(model)
+    return model
+
+
+def test_a_bnb_4bit_checkpoint_streams_its_bytes_into_qlora(hf_dir, tmp_path):
+    # A pre-quantized HF checkpoint in bitsandbytes' layout (each projection: the packed bytes with its
+    # absmax, quant_map, nested_* and quant_state entries, as the docs describe it), written from the
+    # NF4 parts the float checkpoint quantizes to: loading it must put exactly those bytes back.
+    from ftcore.kernels.nf4_bnb import to_bnb_4bit_state
+    from ftcore.modules.nf4 import NF4Linear, nf4_state_dict_mode
+
+    sizes = hf_model_sizes(read_hf_config(hf_dir))
+    from_float = _lora_model(sizes, quantize_base=True)
+    M.HFCheckpointer(str(hf_dir)).load_into(from_float)
+    state = load_file(hf_dir / "model.safetensors")
+    for name, module in from_float.named_modules():
+        if isinstance(module, NF4Linear):
+            hf_key = ftcore_to_hf(name.removesuffix(".nf4_base") + ".weight")
+            state.update(to_bnb_4bit_state(hf_key, module.weight_nf4))
+    bnb_dir = tmp_path / "bnb"
+    bnb_dir.mkdir()
+    (bnb_dir / "config.json").write_text((hf_dir / "config.json").read_text())
+    save_file(state, bnb_dir / "model.safetensors", metadata={"format": "pt"})
+
+    from_bnb = _lora_model(sizes, quantize_base=True)
+    M.HFCheckpointer(str(bnb_dir)).load_into(from_bnb)
+    with nf4_state_dict_mode("nf4"):
+        expected, loaded = from_float.state_dict(), from_bnb.state_dict()
+    nf4_keys = [k for k in expected if "weight_packed" in k]
+    assert len(nf4_keys) == 7 * sizes["n_layers"]  # every projection of every block
+    for key, tensor in expected.items():
+        if "lora_" not in key:  # adapters are drawn fresh by each build
+            assert torch.equal(loaded[key], tensor), key
+
+    with pytest.raises(ValueError, match="pre-quantized by bitsandbytes.*set model.quantize_base=true"):
+        M.HFCheckpointer(str(bnb_dir)).load_into(_lora_model(sizes, quantize_base=False))
+
+
+def test_a_missing_shard_names_the_index_and_the_file(tmp_path):
+    make_hf_model("llama2").save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(
+        ValueError, match=rf"model\.safetensors\.index\.json lists .*'{shards[-1].name}'.*incomplete"
+    ):
+        load_ftcore(tmp_path)

@@ -27,10 +27,25 @@ def is_bnb_4bit_state(key: str, state_dict: dict[str, torch.Tensor]) -> bool:
     return any(k.startswith(key + ".quant_state.bitsandbytes__") for k in state_dict)
 
 
+def bnb_4bit_groups(keys: list[str]) -> dict[str, list[str]]:
+    """{packed weight key: it and every entry that belongs to it} for the 4-bit weights among `keys`
+    (one file's names); a checkpoint streams tensor by tensor, but a 4-bit weight loads as one set."""
+    present = set(keys)
+    groups = {}
+    for key in keys:
+        if key.endswith(_STATE_SUFFIX):
+            weight = key[: -len(_STATE_SUFFIX)]
+            groups[weight] = _entry_keys(weight, present)
+    return groups
+
+
 def bnb_4bit_keys(key: str, state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Every state-dict key that belongs to the 4-bit weight `key`."""
-    suffixes = ("", _STATE_SUFFIX, *_TENSOR_SUFFIXES)
-    return [key + s for s in suffixes if key + s in state_dict]
+    return _entry_keys(key, state_dict)
+
+
+def _entry_keys(key: str, present) -> list[str]:
+    return [key + s for s in ("", _STATE_SUFFIX, *_TENSOR_SUFFIXES) if key + s in present]
 
 
 def _quant_state(key: str, state_dict: dict[str, torch.Tensor]) -> dict:
@@ -122,11 +137,11 @@ def to_bnb_4bit_state(key: str, parts: ref.NF4Parts) -> dict[str, torch.Tensor]:
     out = {
         key: parts.packed.reshape(-1, 1),
         key + ".absmax": parts.absmax,
-        key + ".quant_map": ref.nf4_code(),
+        key + ".quant_map": ref.nf4_code().clone(),
     }
     if parts.double_quant:  # nested_absmax and offset are both set
         out[key + ".nested_absmax"] = cast(torch.Tensor, parts.nested_absmax)
-        out[key + ".nested_quant_map"] = ref.dynamic_map()
+        out[key + ".nested_quant_map"] = ref.dynamic_map().clone()  # the cached table is shared
         state.update(
             nested_blocksize=ref.NESTED_BLOCK_SIZE,
             nested_dtype="float32",

@@ -3,6 +3,8 @@ tensor into a materialized model with clear errors, and atomic output folders.""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -67,6 +69,29 @@ class TensorLoader:
         module = self.model.get_submodule(module_name) if module_name else self.model
         # The owning module's load_state_dict runs its own hooks, so an NF4 layer quantizes here.
         module.load_state_dict({leaf: tensor}, strict=False)
+        self.loaded.add(key)
+
+    def load_bnb_4bit(self, key: str, entries: dict[str, torch.Tensor], source_key: str) -> None:
+        """A pre-quantized bitsandbytes weight: `entries` holds `key` (the packed bytes) and its
+        `key.absmax`, `key.quant_map`, ... entries, which the NF4 layer takes as they are, together."""
+        origin = f"4-bit tensor {source_key!r} (ftcore name {key!r})"
+        if key not in self.expected:
+            raise ValueError(f"unexpected {origin} in {self.source}: the model has no such parameter")
+        module_name, _, leaf = key.rpartition(".")
+        module = self.model.get_submodule(module_name)
+        if not (getattr(module, "quantize_base", False) or hasattr(module, "weight_packed")):
+            raise ValueError(
+                f"{origin} in {self.source} is pre-quantized by bitsandbytes (bnb-4bit), but this layer holds "
+                "a float weight; set model.quantize_base=true (QLoRA), or load the model's bf16 checkpoint"
+            )
+        packed_weights, expected = entries[key].numel() * 2, math.prod(self.expected[key])
+        if packed_weights != expected:
+            raise ValueError(
+                f"shape mismatch for {origin} in {self.source}: it packs {packed_weights} weights, the model "
+                f"expects {tuple(self.expected[key])}; check the model size in the config"
+            )
+        prefix = f"{module_name}."
+        module.load_state_dict({k[len(prefix) :]: v for k, v in entries.items()}, strict=False)
         self.loaded.add(key)
 
     def finish(self) -> None:

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ftcore.kernels.nf4_bnb import bnb_4bit_groups
 from ftcore.models.builders import lora_transformer_decoder, transformer_decoder
 from ftcore.models.checkpoint_common import TensorLoader, atomic_directory
 from ftcore.models.hf_names import ftcore_to_hf, hf_to_ftcore
@@ -141,7 +142,13 @@ class HFCheckpointer:
         index = self.checkpoint_dir / INDEX_FILE
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
-            return [self.checkpoint_dir / name for name in sorted(set(weight_map.values()))]
+            files = [self.checkpoint_dir / name for name in sorted(set(weight_map.values()))]
+            if missing := [f.name for f in files if not f.is_file()]:
+                raise ValueError(
+                    f"{index} lists {len(files)} weight file(s), of which {missing[:4]} are not in "
+                    f"{self.checkpoint_dir}; the download is incomplete: fetch the missing shard(s) again"
+                )
+            return files
         single = self.checkpoint_dir / SINGLE_FILE
         if single.is_file():
             return [single]
@@ -155,14 +162,22 @@ class HFCheckpointer:
         loader = TensorLoader(model, source=str(self.checkpoint_dir))
         for path in self.weight_files():
             with safe_open(path, framework="pt") as file:
-                for hf_key in file.keys():
+                names = list(file.keys())
+                quantized = bnb_4bit_groups(names)  # packed weight -> its keys (bnb-4bit checkpoints)
+                companions = {k for group in quantized.values() for k in group}
+                for hf_key in names:
                     if hf_key.endswith("rotary_emb.inv_freq"):
                         continue  # old transformers saved RoPE buffers; ftcore recomputes them
                     key = hf_to_ftcore(hf_key)
                     if key == "output.weight" and model.tied_embeddings:
                         continue  # some tied checkpoints also store lm_head; the embedding is used
+                    source_key = f"{path.name}:{hf_key}"
                     with torch.no_grad():
-                        loader.load(key, file.get_tensor(hf_key), source_key=f"{path.name}:{hf_key}")
+                        if hf_key in quantized:
+                            entries = {key + k[len(hf_key) :]: file.get_tensor(k) for k in quantized[hf_key]}
+                            loader.load_bnb_4bit(key, entries, source_key)
+                        elif hf_key not in companions:
+                            loader.load(key, file.get_tensor(hf_key), source_key=source_key)
         loader.finish()
         reset_buffers(model)
 
