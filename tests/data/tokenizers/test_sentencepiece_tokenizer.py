@@ -301,3 +301,12 @@ def test_mistral_layout_mask_and_open_end(assets):
     assert open_tokens == tokens[:-1]
     with pytest.raises(ValueError, match="Mistral chat format needs user and assistant"):
         tok.tokenize_messages([Message("user", "a"), Message("tool", "b")])
+
+
+def test_a_file_of_another_kind_is_refused_with_what_it_looks_like(assets, tmp_path):
+    with pytest.raises(ValueError, match="looks like a tiktoken file.*Llama3Tokenizer"):
+        SentencePieceTokenizer(assets / "tokenizers" / "llama3_tokenizer.model")
+    config = tmp_path / "config.json"
+    config.write_text('{"hidden_size": 64}\n')
+    with pytest.raises(ValueError, match="is not a SentencePiece model.*checkpoint's tokenizer.model"):
+        SentencePieceTokenizer(config)

@@ -68,7 +68,7 @@ class SentencePieceTokenizer:
             self._model.Load(str(self.path))
         except (OSError, RuntimeError) as error:
             raise ValueError(
-                f"{self.path} is not a SentencePiece model ({error}); a Llama 3 tiktoken file needs Llama3Tokenizer"
+                f"{self.path} is not a SentencePiece model ({error}); {_tokenizer_hint(self.path)}"
             ) from error
         self.vocab_size = self._model.vocab_size()
         self.bos_id = self._model.bos_id()
@@ -189,3 +189,12 @@ def _exchanges(
             )
         exchanges.append((user, assistant))
     return exchanges
+
+
+def _tokenizer_hint(path: Path) -> str:
+    """What the file probably is instead: a tiktoken file is lines of `base64 rank`."""
+    with open(path, "rb") as f:
+        first = f.readline(200).split()
+    if len(first) == 2 and first[1].isdigit():
+        return "it looks like a tiktoken file (Llama 3): use ftcore.data.tokenizers.Llama3Tokenizer"
+    return "point the tokenizer at the checkpoint's tokenizer.model (Llama 2, Mistral)"
