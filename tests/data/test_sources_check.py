@@ -141,3 +141,24 @@ def test_check_cli_fails_a_file_without_rows(tmp_path, assets, capsys):
     tokenizer = assets / "tokenizers" / "llama3_tokenizer.model"
     assert main([str(empty), "--format", "alpaca", "--tokenizer", str(tokenizer)]) == 1
     assert "holds no rows" in capsys.readouterr().out
+
+
+def test_a_folder_reads_upper_case_suffixes_as_a_single_file_does(tmp_path, byte_tokenizer):
+    (tmp_path / "A.JSONL").write_text(json.dumps({"text": "shouted"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "quiet"}) + "\n")
+    assert len(text_completion_dataset(byte_tokenizer, str(tmp_path))) == 2
+
+
+def test_check_cli_takes_column_map_pairs_repeated_or_together(tmp_path, assets, capsys):
+    data = tmp_path / "a.jsonl"
+    data.write_text(json.dumps({"q": "Add 2 and 2.", "a": "4"}) + "\n")
+    common = [
+        str(data),
+        "--format",
+        "alpaca",
+        "--tokenizer",
+        str(assets / "tokenizers" / "llama3_tokenizer.model"),
+    ]
+    assert main([*common, "--column-map", "instruction=q", "--column-map", "output=a"]) == 0
+    assert main([*common, "--column-map", "instruction=q", "output=a"]) == 0
+    assert "bad rows                         0" in capsys.readouterr().out

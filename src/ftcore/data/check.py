@@ -273,7 +273,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--train-on-input", action="store_true")
     parser.add_argument("--packed", action="store_true", help="also report the packs of max_seq_len")
     parser.add_argument("--split", default="train")
-    parser.add_argument("--column-map", nargs="*", default=[], metavar="EXPECTED=IN_FILE")
+    parser.add_argument("--column-map", nargs="+", action="extend", default=[], metavar="EXPECTED=IN_FILE")
     args, overrides = parser.parse_known_args(argv)
     if args.config is not None and args.file is not None:
         overrides.insert(0, args.file)  # with --config, the first `key=value` lands in FILE

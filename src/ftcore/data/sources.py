@@ -64,7 +64,7 @@ def _data_files_in(folder: Path, data_files: str | list[str] | None) -> list[Pat
         if missing:
             raise ValueError(f"data_files not found in {folder}: {missing}")
         return files
-    files = sorted(f for f in folder.iterdir() if f.suffix in SUFFIXES)
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in SUFFIXES)  # as _read_file matches
     if not files:
         raise ValueError(f"{folder} holds no data file ({', '.join(SUFFIXES)}); point `source` at a file")
     return files
