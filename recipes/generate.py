@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from ftcore.config import instantiate
 from ftcore.config.errors import run_setup
 from ftcore.data.messages import Message
-from ftcore.models.generation import check_sampling, generate
+from ftcore.models.generation import check_max_new_tokens, check_sampling, generate
 from ftcore.runner.setup import build_model, resolve_device, resolve_dtype, seed_everything
 
 CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -63,8 +63,7 @@ class GenerateRecipe:
                 'set exactly one of `prompt` (a string; "" starts from BOS) or `messages` (a chat)'
             )
         check_sampling(float(cfg.get("temperature", 0.0)), cfg.get("top_k"), cfg.get("top_p"))
-        if cfg.get("max_new_tokens", 200) < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {cfg.get('max_new_tokens')}")
+        check_max_new_tokens(cfg.get("max_new_tokens", 200))
         seed_everything(self.seed)
         self.tokenizer = instantiate(self.cfg.tokenizer)
         self.prompt = self.prompt_tokens()  # before the model loads: a bad message fails in a moment

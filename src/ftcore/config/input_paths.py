@@ -22,15 +22,13 @@ def missing_input_paths(plain: dict[str, Any]) -> list[tuple[str, str]]:
     """(dotted key, path) of each input path in the resolved config that does not exist here.
 
     Paths inside `output_dir` are left out: the run writes them (the demo generates its data there)."""
-    outputs = (
-        Path(str(plain.get("output_dir", ""))).expanduser().absolute() if plain.get("output_dir") else None
-    )
-    missing = [
-        (key, path)
-        for key, path in _input_paths(plain, "")
-        if not Path(path).expanduser().exists()
-        and not (outputs and Path(path).expanduser().absolute().is_relative_to(outputs))
-    ]
+    output_dir = plain.get("output_dir")
+    outputs = Path(str(output_dir)).expanduser().absolute() if output_dir else None
+    missing = []
+    for key, path in _input_paths(plain, ""):
+        local = Path(path).expanduser()
+        if not local.exists() and not (outputs and local.absolute().is_relative_to(outputs)):
+            missing.append((key, path))
     resume = plain.get("resume_from_checkpoint")
     if isinstance(resume, str) and not Path(resume).expanduser().exists():
         missing.append(("resume_from_checkpoint", resume))

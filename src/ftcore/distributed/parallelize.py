@@ -90,15 +90,13 @@ def _ties_embeddings(model_node) -> bool:
     if "tie_embeddings" in model_node:
         return bool(model_node["tie_embeddings"])
     component = model_node.get(COMPONENT_KEY)
-    try:
-        builder = locate(component) if isinstance(component, str) else None
-        default = inspect.signature(builder).parameters.get("tie_embeddings") if builder else None
-    except (
-        TypeError,
-        ValueError,
-    ):  # a bad component (ConfigError is a ValueError): the config check reports it
+    if not isinstance(component, str):
         return False
-    return default is not None and default.default is True
+    try:
+        parameter = inspect.signature(locate(component)).parameters.get("tie_embeddings")
+    except (TypeError, ValueError):  # not a callable, or no such component: the config check reports it
+        return False
+    return parameter is not None and parameter.default is True
 
 
 def speed_options(cfg) -> dict:

@@ -15,6 +15,11 @@ from ftcore.models.transformer import TransformerDecoder
 from ftcore.modules.host_embedding import compute_device
 
 
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Refuse settings that sample nothing or everything, naming the config key."""
     if temperature < 0:
@@ -90,8 +95,7 @@ def generate(
         raise ValueError(
             "generate needs at least one prompt and every prompt needs at least one token (e.g. BOS)"
         )
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens)
     check_sampling(temperature, top_k, top_p)
     device = compute_device(model)  # not the embedding's: offload_embedding keeps it in host memory
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)

@@ -82,7 +82,7 @@ class HostEmbedding(nn.Embedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype | None = None):
         super().__init__(num_embeddings, embedding_dim, device="meta", dtype=dtype)
         self.weight.requires_grad_(False)
-        self._views: dict[tuple[torch.device, int], torch.Tensor] = {}  # by (device, table address)
+        self._view: tuple[tuple[torch.device, int], torch.Tensor] | None = None  # ((device, address), view)
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding) -> HostEmbedding:
@@ -97,7 +97,7 @@ class HostEmbedding(nn.Embedding):
 
     def _set_table(self, table: torch.Tensor) -> None:
         self.weight = nn.Parameter(table, requires_grad=False)
-        self._views = {}
+        self._view = None
 
     def _apply(self, fn, recurse=True):
         # `.to(device)`, `.cuda()` and `to_empty` would put the table on the GPU: keep it on the host and
@@ -117,9 +117,9 @@ class HostEmbedding(nn.Embedding):
             return F.embedding(tokens, self.weight)
         # keyed by the table's address too: a table replaced (load_state_dict(assign=True)) gets a new view
         key = (tokens.device, self.weight.data_ptr())
-        if key not in self._views:
-            self._views = {key: cuda_view(self.weight, tokens.device)}
-        return F.embedding(tokens, self._views[key])
+        if self._view is None or self._view[0] != key:
+            self._view = (key, cuda_view(self.weight, tokens.device))
+        return F.embedding(tokens, self._view[1])
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", in host memory"
