@@ -72,6 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--ac-skip-last", type=int, help="with --ac: the last N blocks unchecked (ac_skip_last_blocks)"
     )
+    p.add_argument(
+        "--ac-offload-blocks",
+        type=int,
+        help="with --ac: N blocks unchecked, their saved activations in host memory (ac_offload_blocks)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile each block (ftcore's parallelize)")
     p.add_argument("--fused", action="store_true", help="Triton RMSNorm/SwiGLU/RoPE kernels (fused_kernels)")
     p.add_argument("--offload", action="store_true", help="with --ac: block inputs in pinned host memory")
@@ -291,6 +296,7 @@ def build_micro_step(args: argparse.Namespace, model, loss_fn, params: list, opt
         activation_offloading=args.offload,
         sharded=False,
         optimizer_in_backward=args.optimizer_in_backward,
+        offloaded_blocks=bool(args.ac_offload_blocks),
     )
     return graphed_micro_step(sum_loss, params, optimizer, device, model)
 
@@ -319,6 +325,7 @@ def run_training(args: argparse.Namespace) -> dict:
         ac_mode="selective" if args.ac_option else None,
         ac_option=_ac_option(args.ac_option),
         ac_skip_last_blocks=args.ac_skip_last,
+        ac_offload_blocks=args.ac_offload_blocks,
         compile=args.compile,
         fused_kernels=args.fused,
         activation_offloading=args.offload,
@@ -366,6 +373,7 @@ def run_training(args: argparse.Namespace) -> dict:
         ac=args.ac,
         ac_option=_ac_option(args.ac_option),
         ac_skip_last=args.ac_skip_last,
+        ac_offload_blocks=args.ac_offload_blocks,
         compile=args.compile,
         fused=args.fused,
         offload=args.offload,
@@ -535,12 +543,13 @@ def _yes(flag: bool) -> str:
 
 
 def _ac_column(r: dict) -> str:
-    """yes / no, or what is checkpointed: 'op' (GEMM outputs kept), 'every K', '-last N' (unchecked)."""
-    option, skip = r.get("ac_option"), r.get("ac_skip_last")
-    if not r["ac"] or (option is None and not skip):
+    """yes / no, or what is checkpointed: 'op' (GEMM outputs kept), 'every K', '-last N' (unchecked),
+    '-host N' (N blocks unchecked with their activations in host memory)."""
+    option, skip, host = r.get("ac_option"), r.get("ac_skip_last"), r.get("ac_offload_blocks")
+    if not r["ac"] or (option is None and not skip and not host):
         return _yes(r["ac"])
     kept = {None: "yes", "op": "op"}.get(option, f"every {option}")
-    return kept + (f" -last {skip}" if skip else "")
+    return kept + (f" -last {skip}" if skip else "") + (f" -host {host}" if host else "")
 
 
 def _system_name() -> str:

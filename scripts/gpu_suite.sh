@@ -40,6 +40,8 @@
 #   embedding_lora  the same for 8B LoRA, no tests.
 #   embedding_70b   Llama-3.1-70B QLoRA at bs 1 x 2048 without and with offload_embedding (and 4 or 6 blocks
 #                   unchecked) beside torchtune compiled, no tests.
+#   unchecked       the ac_offload_blocks GPU tests, 70B QLoRA (graphs; 40 and 48 blocks offloaded) beside
+#                   torchtune compiled, then as time allows 8B LoRA and QLoRA with 8 blocks offloaded.
 #   inback          all GPU tests, then compiled 3B full with optimizer_in_backward (no gradients kept)
 #                   and the last 20 / 23 blocks unchecked beside torchtune compiled.
 # Each step has a minimum and a cap in seconds and runs only when its minimum fits before the
@@ -51,7 +53,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PLAN=${1:-all}
-[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify|lora_node|recheck|selective|context|skiplast|inback|embedding|embedding_lora|embedding_70b)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace, verify, lora_node, recheck, selective, context, skiplast, inback, embedding, embedding_lora or embedding_70b" >&2; exit 2; }
+[[ $PLAN =~ ^(all|rest|big|headline|profile|switches|final|graphs|graphs2|graphs_memory|memory|inplace|verify|lora_node|recheck|selective|context|skiplast|inback|embedding|embedding_lora|embedding_70b|unchecked)$ ]] || { echo "gpu_suite.sh: unknown plan '$PLAN'; use all, rest, big, headline, profile, switches, final, graphs, graphs2, graphs_memory, memory, inplace, verify, lora_node, recheck, selective, context, skiplast, inback, embedding, embedding_lora, embedding_70b or unchecked" >&2; exit 2; }
 OUT=${OUT:-$PWD/gpu_out}
 export OUT
 mkdir -p "$OUT"
@@ -294,6 +296,15 @@ plan_embedding_70b() {  # the peer first: its compile is the longest part, and e
     ftcore:qlora:eager:60:120:$host,--ac-skip-last,6
 }
 
+plan_unchecked() {  # ac_offload_blocks: its GPU tests, 70B QLoRA beside torchtune compiled, then 8B if time is left
+  step "pytest offload" 30 60 "${PY[@]}" -m pytest -m gpu -q -p no:cacheprovider -rs \
+    tests/gpu/test_unchecked_offload_cuda.py
+  local host=--fused,--offload-embedding
+  vs_peer --model llama3_1_70b --bs 1 peer:qlora:compile:120:200 ftcore:qlora:eager:50:90:$host,--cuda-graphs \
+    ftcore:qlora:eager:50:90:$host,--ac-offload-blocks,40 ftcore:qlora:eager:50:90:$host,--ac-offload-blocks,48
+  vs_peer ftcore:lora:eager:25:40:$host,--ac-offload-blocks,8 ftcore:qlora:eager:25:40:$host,--ac-offload-blocks,8
+}
+
 plan_big() {
   vs_peer --model llama3_1_70b --bs 1 ftcore:qlora:eager:120:280 peer:qlora:compile:200:330
 }
@@ -322,6 +333,7 @@ case $PLAN in
   embedding) plan_embedding ;;
   embedding_lora) plan_embedding_lora ;;
   embedding_70b) plan_embedding_70b ;;
+  unchecked) plan_unchecked ;;
 esac
 echo "[$(stamp)] side by side (ratios are ftcore / torchtune):"
 "${PY[@]}" scripts/bench.py --table "$RESULTS" | tee "$OUT/bench_table.md"

@@ -18,6 +18,7 @@ def test_defaults_are_all_off():
         "ac_mode": None,
         "ac_option": None,
         "ac_skip_last_blocks": None,
+        "ac_offload_blocks": None,
         "offload_embedding": False,
     }
 

@@ -84,6 +84,16 @@ def _check_offloading(activation_checkpointing: bool) -> None:
         )
 
 
+def _check_offload_blocks_compile(offload_blocks: int | None, compile: bool) -> None:
+    """The host copies run from saved-tensor hooks around an eager block, which torch.compile does not trace."""
+    if offload_blocks and compile:
+        raise ValueError(
+            "ac_offload_blocks cannot be combined with compile: true (the offloaded blocks copy what autograd "
+            "saves from eager hooks); set compile: false (fused_kernels and cuda_graphs are the eager speed-ups) "
+            "or ac_offload_blocks: null"
+        )
+
+
 def _ties_embeddings(model_node) -> bool:
     """Whether the config's model ties its output projection to the token table: the node's
     `tie_embeddings`, else its builder's default (False where neither says, as for a missing builder)."""
@@ -113,6 +123,7 @@ def speed_options(cfg) -> dict:
         "ac_mode": cfg.get("ac_mode", None),
         "ac_option": cfg.get("ac_option", None),
         "ac_skip_last_blocks": cfg.get("ac_skip_last_blocks", None),
+        "ac_offload_blocks": cfg.get("ac_offload_blocks", None),
         "offload_embedding": cfg.get("offload_embedding", False),
     }
     model_node = cfg.get("model") or {}
@@ -124,7 +135,9 @@ def speed_options(cfg) -> dict:
         options["mlp_chunk_tokens"],
         options["ac_skip_last_blocks"],
         use_dora=bool(model_node.get("use_dora", False)),
+        offload_blocks=options["ac_offload_blocks"],
     )
+    _check_offload_blocks_compile(options["ac_offload_blocks"], options["compile"])
     if options["activation_offloading"]:
         _check_offloading(options["activation_checkpointing"])
     if options["offload_embedding"] and _ties_embeddings(model_node):
@@ -149,6 +162,7 @@ def parallelize(
     ac_mode: str | None = None,
     ac_option: str | int | None = None,
     ac_skip_last_blocks: int | None = None,
+    ac_offload_blocks: int | None = None,
     offload_embedding: bool = False,
     fsdp_mesh=None,
     reshard_after_forward: bool = True,
@@ -165,7 +179,9 @@ def parallelize(
     checkpointed chunks of tokens (ftcore.training.chunked_mlp); `activation_offloading` checkpoints each
     block with its saved input in host memory (ftcore.training.activation_offload), wrapped around the
     compiled block when compiling. `ac_mode` / `ac_option` / `ac_skip_last_blocks` choose what
-    checkpointing keeps (ftcore.training.selective_checkpoint)."""
+    checkpointing keeps (ftcore.training.selective_checkpoint); `ac_offload_blocks` runs that many of the
+    checkpointed blocks unchecked with their saved activations in host memory
+    (ftcore.training.unchecked_offload)."""
     plan = checkpoint_plan(
         activation_checkpointing,
         ac_mode,
@@ -173,7 +189,9 @@ def parallelize(
         activation_offloading,
         mlp_chunk_tokens,
         ac_skip_last_blocks,
+        offload_blocks=ac_offload_blocks,
     )
+    _check_offload_blocks_compile(ac_offload_blocks, compile)
     if activation_offloading:
         _check_offloading(activation_checkpointing)
     if offload_embedding:
@@ -190,6 +208,10 @@ def parallelize(
         apply_mlp_chunking(model, mlp_chunk_tokens, eager=not compile)
     if plan is not None and not activation_offloading:  # offloading checkpoints every block its own way
         apply_activation_checkpointing(model, plan, eager=not compile)
+    if plan is not None and plan.offload:
+        from ftcore.training.unchecked_offload import apply_unchecked_offloading
+
+        apply_unchecked_offloading(model, plan.offloaded(len(cast(nn.ModuleList, model.layers))))
     if compile:
         apply_compile(model)
     if activation_offloading:  # after compile: the compiled graph is the block, the host copies stay eager

@@ -120,6 +120,7 @@ def build_parts(cfg: DictConfig, select_trainable: Callable[[torch.nn.Module], l
             sharded=sharded,
             optimizer_in_backward=cfg.get("optimizer_in_backward", False),
             optimizer_component=str(cfg.optimizer.get("_component_", "")),
+            offloaded_blocks=bool(options["ac_offload_blocks"]),
         )
     dtype = resolve_dtype(cfg.get("dtype", "bf16"), device)
     seed = cfg.get("seed", 0)

@@ -62,7 +62,7 @@ class HostInput:
         self.device, self.shape, self.dtype, self.requires_grad = x.device, x.shape, x.dtype, x.requires_grad
         self.previous = previous  # the block before this one (weak: it must not outlive its own graph)
         self.stream = stream
-        self.host = _copy_to_host(x, stream)
+        self.host = copy_to_host(x, stream)
         self.prefetched: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
 
     def get(self) -> torch.Tensor:
@@ -106,8 +106,12 @@ def _on(stream: torch.cuda.Stream | None):
     return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
 
 
-def _copy_to_host(x: torch.Tensor, stream: torch.cuda.Stream | None) -> list[torch.Tensor]:
-    """x as host pieces (pinned, copied on `stream`, on CUDA; ordinary copies on CPU)."""
+def copy_to_host(
+    x: torch.Tensor, stream: torch.cuda.Stream | None, record: bool = True
+) -> list[torch.Tensor]:
+    """x as host pieces (pinned, copied on `stream`, on CUDA; ordinary copies on CPU). `record=False`: the
+    caller keeps x (contiguous) alive until the copies are done, instead of `record_stream`, which holds the
+    memory back from reuse while `memory_allocated` no longer counts it."""
     flat = x.detach().reshape(-1)  # (numel,): a view, or a compute-stream copy if x is not contiguous
     if stream is not None:
         stream.wait_stream(torch.cuda.current_stream(x.device))  # x is written by queued compute work
@@ -117,10 +121,25 @@ def _copy_to_host(x: torch.Tensor, stream: torch.cuda.Stream | None) -> list[tor
             piece = torch.empty(numel, dtype=x.dtype, pin_memory=stream is not None)
             pieces.append(piece.copy_(flat[start : start + numel], non_blocking=True))
             start += numel
-    if stream is not None:  # the memory is not reused until these copies have read it
+    if stream is not None and record:  # the memory is not reused until these copies have read it
         x.record_stream(stream)
         flat.record_stream(stream)
     return pieces
+
+
+def fill_from_host(
+    target: torch.Tensor, pieces: list[torch.Tensor], stream: torch.cuda.Stream | None, record: bool = True
+) -> None:
+    """Copy the host pieces, in order, into the contiguous `target` (on `stream` when there is one). The
+    target is not reused before those copies are done (`record=False`: the caller's compute stream waits
+    for them before the target can be freed)."""
+    flat, start = target.view(-1), 0  # (numel,)
+    with _on(stream):
+        for piece in pieces:
+            flat[start : start + piece.numel()].copy_(piece, non_blocking=True)
+            start += piece.numel()
+    if stream is not None and record:  # a prefetch freed unused must not be reused before its copy is done
+        target.record_stream(stream)
 
 
 def _copy_to_device(saved: HostInput) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -128,18 +147,10 @@ def _copy_to_device(saved: HostInput) -> tuple[torch.Tensor, torch.cuda.Event | 
     for, or None without a side stream)."""
     stream = saved.stream
     target = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device)  # the compute stream's pool
-    flat, start, ready = target.view(-1), 0, None  # (numel,)
     if stream is not None:
         stream.wait_stream(torch.cuda.current_stream(saved.device))  # its memory may be read by queued work
-    with _on(stream):
-        for piece in saved.host:
-            flat[start : start + piece.numel()].copy_(piece, non_blocking=True)
-            start += piece.numel()
-        if stream is not None:
-            ready = stream.record_event()
-    if stream is not None:  # a prefetch freed unused must not be reused before its copy is done
-        target.record_stream(stream)
-    return target, ready
+    fill_from_host(target, saved.host, stream)
+    return target, stream.record_event() if stream is not None else None
 
 
 def _run_block(block_forward, saved: HostInput, device_anchor, *args, **kwargs):

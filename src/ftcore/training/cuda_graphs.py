@@ -21,8 +21,8 @@ then one call replays them all. What replay needs, and how this module provides 
   numbers.
 
 `check_cuda_graphs` refuses what cannot be captured: a non-CUDA device; FSDP2 (collectives and hooks
-run in every step); `compile` (use one or the other); activation offloading (host copies and events in
-every step); and optimizers that step inside the backward.
+run in every step); `compile` (use one or the other); activation offloading and `ac_offload_blocks` (host
+copies and events in every step); and optimizers that step inside the backward.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def check_cuda_graphs(
     sharded: bool,
     optimizer_in_backward: bool,
     optimizer_component: str = "",
+    offloaded_blocks: bool = False,
 ) -> None:
     """Refuse, before anything is built, the runs whose step a CUDA graph cannot capture."""
     if device.type != "cuda":
@@ -74,6 +75,11 @@ def check_cuda_graphs(
     if activation_offloading:
         raise ValueError(
             "cuda_graphs: true cannot capture enable_activation_offloading (host copies and events in every "
+            "step); turn one of them off"
+        )
+    if offloaded_blocks:
+        raise ValueError(
+            "cuda_graphs: true cannot capture ac_offload_blocks (host copies from saved-tensor hooks in every "
             "step); turn one of them off"
         )
     if optimizer_component.rsplit(".", 1)[-1] in STEPS_IN_BACKWARD:

@@ -32,6 +32,7 @@ MEMORY_SETTINGS = (
     ("enable_activation_checkpointing", "set it to True (recomputes activations in backward)"),
     ("ac_mode", "set it to full (ac_mode: selective keeps GEMM outputs or whole blocks, for speed)"),
     ("ac_skip_last_blocks", "lower it or set null (those last blocks keep all their activations)"),
+    ("ac_offload_blocks", "lower it or set null (the host link may not drain those blocks' copies in time)"),
     ("enable_activation_offloading", "set it to True with checkpointing (block inputs in host memory)"),
     ("mlp_chunk_tokens", "set it, e.g. 8192, for long sequences (the MLP in checkpointed chunks)"),
     (

@@ -22,6 +22,7 @@ added for in-place ops: LoRA adds its adapter product into the base GEMM's outpu
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 from dataclasses import dataclass
@@ -225,10 +226,24 @@ class CheckpointPlan:
     every: int = 1  # checkpoint blocks 0, every, 2 * every, ... (ac_option: K)
     skip_last: int = 0  # the last blocks left unchecked (ac_skip_last_blocks)
     keep_gemms: bool = False  # the op policy (ac_option: op)
+    offload: int = 0  # of the blocks to checkpoint, how many run unchecked with their activations on the host
 
     def blocks(self, num_blocks: int) -> list[int]:
         """The indices of the blocks to checkpoint. The last ones left out are the first the backward
         reaches, so their kept activations are freed first."""
+        offloaded = set(self.offloaded(num_blocks))
+        return [index for index in self._candidates(num_blocks) if index not in offloaded]
+
+    def offloaded(self, num_blocks: int) -> list[int]:
+        """The blocks that `ac_offload_blocks` runs unchecked, their activations in host memory
+        (ftcore.training.unchecked_offload): spread evenly over the blocks checkpointing would rerun."""
+        if not self.offload:
+            return []
+        from ftcore.training.unchecked_offload import offloaded_blocks
+
+        return offloaded_blocks(self._candidates(num_blocks), self.offload)
+
+    def _candidates(self, num_blocks: int) -> list[int]:
         if self.skip_last >= num_blocks:
             raise ValueError(
                 f"ac_skip_last_blocks: {self.skip_last} leaves none of the model's {num_blocks} blocks "
@@ -258,9 +273,51 @@ def checkpoint_plan(
     mlp_chunk_tokens: int | None = None,
     skip_last_blocks: int | None = None,
     use_dora: bool = False,
+    offload_blocks: int | None = None,
 ) -> CheckpointPlan | None:
     """The config's checkpointing settings as a plan (None: no checkpointing), or a ValueError that
     names the config keys when they cannot run together."""
+    plan = _plan_without_offload(
+        activation_checkpointing,
+        ac_mode,
+        ac_option,
+        activation_offloading,
+        mlp_chunk_tokens,
+        skip_last_blocks,
+        use_dora,
+    )
+    _check_offload_blocks(offload_blocks, plan, activation_offloading)
+    if plan is None or not offload_blocks:
+        return plan
+    return dataclasses.replace(plan, offload=offload_blocks)
+
+
+def _check_offload_blocks(offload_blocks, plan: CheckpointPlan | None, activation_offloading: bool) -> None:
+    if offload_blocks is None or offload_blocks == 0:
+        return
+    if not (_is_int(offload_blocks) and offload_blocks >= 0):
+        raise ValueError(f"ac_offload_blocks: {offload_blocks!r} must be an integer >= 0 (or null)")
+    if plan is None:
+        raise ValueError(
+            "ac_offload_blocks needs enable_activation_checkpointing: true (it runs some of the checkpointed "
+            "blocks unchecked instead, their activations in host memory)"
+        )
+    if activation_offloading:
+        raise ValueError(
+            "ac_offload_blocks cannot be combined with enable_activation_offloading (offloading checkpoints "
+            "every block, with its input in host memory); turn one of them off"
+        )
+
+
+def _plan_without_offload(
+    activation_checkpointing: bool,
+    ac_mode: str | None,
+    ac_option: str | int | None,
+    activation_offloading: bool,
+    mlp_chunk_tokens: int | None,
+    skip_last_blocks: int | None,
+    use_dora: bool,
+) -> CheckpointPlan | None:
     _check_skip_last_blocks(skip_last_blocks, activation_checkpointing, activation_offloading)
     skip = skip_last_blocks or 0
     mode = ac_mode or "full"
