@@ -79,10 +79,30 @@ def _read_tensors(path: str, adapters: bool):
                 yield key, file.get_tensor(key)
 
 
-def materialize(kind: str, weights: str, sharded: bool) -> torch.nn.Module:
-    """Meta build -> shard (when distributed) -> to_empty -> init -> stream the weights file in."""
+OFFLOADED_STORAGES = [0]  # storages the offloaded blocks copied to the host, summed over their forwards
+
+
+def offload_blocks(model: torch.nn.Module, count: int) -> None:
+    """`ac_offload_blocks`' wrapping of the first `count` blocks, copying every saved storage (the tiny
+    model's are all under the default size threshold), and counting what they copy."""
+    from ftcore.training.unchecked_offload import BlockActivations, apply_unchecked_offloading
+
+    finish = BlockActivations.finish_forward
+
+    def counting_finish(activations: BlockActivations) -> None:
+        OFFLOADED_STORAGES[0] += len(activations.host)
+        finish(activations)
+
+    BlockActivations.finish_forward = counting_finish  # type: ignore[method-assign]
+    apply_unchecked_offloading(model, list(range(count)), min_bytes=0)
+
+
+def materialize(kind: str, weights: str, sharded: bool, offloaded: int = 0) -> torch.nn.Module:
+    """Meta build -> (offloaded blocks) -> shard (when distributed) -> to_empty -> init -> stream the weights in."""
     with torch.device("meta"):
         model = build_model(kind)
+    if offloaded:
+        offload_blocks(model, offloaded)
     if sharded:
         shard_model(model, fsdp_mesh("cpu"))
     model.to_empty(device="cpu")
@@ -105,6 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--global_batch", type=int, default=8)
     parser.add_argument("--save_state", help="write the DCP training state here after the last step")
     parser.add_argument("--resume", help="load the DCP training state from here before training")
+    parser.add_argument(
+        "--offload_blocks", type=int, default=0, help="the first N blocks as ac_offload_blocks runs them"
+    )
     parser.add_argument("--fail_rank", type=int, help="this rank raises before its first step (failure test)")
     parser.add_argument("--hang_rank", type=int, help="this rank stalls before its first step (hang test)")
     parser.add_argument(
@@ -119,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         else (0, 1)
     )
     torch.manual_seed(0)
-    model = materialize(args.kind, args.weights, sharded=distributed)
+    model = materialize(args.kind, args.weights, sharded=distributed, offloaded=args.offload_blocks)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-3, weight_decay=0.01)
     loader, sampler = build_loader(
@@ -155,7 +178,15 @@ def main(argv: list[str] | None = None) -> None:
             (Path(args.save_state) / "progress.json").write_text(json.dumps({"step": loop.progress.step}))
     weights = gather_full_state_dict(model)
     if rank == 0:
-        torch.save({"losses": recorder.losses, "weights": weights, "world_size": world}, args.out)
+        torch.save(
+            {
+                "losses": recorder.losses,
+                "weights": weights,
+                "world_size": world,
+                "offloaded": OFFLOADED_STORAGES[0],
+            },
+            args.out,
+        )
     destroy_distributed()
 
 

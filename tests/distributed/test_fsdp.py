@@ -80,6 +80,19 @@ def test_two_ranks_match_one_process(weights, tmp_path):
     assert_same_weights(reference["weights"], sharded["weights"])  # the gathered full state dict
 
 
+def test_two_ranks_with_offloaded_blocks_match_one_process(weights, tmp_path):
+    """ac_offload_blocks under FSDP2: each rank copies what its unchecked blocks save (the all-gathered
+    weights excepted, which stay with FSDP) and trains as the plain single process does."""
+    kind, path = weights
+    common = ["--kind", kind, "--weights", path, "--steps", "3"]
+    reference = single_process(*common, "--out", str(tmp_path / "one.pt"))
+    run = torchrun(*common, "--offload_blocks", "2", "--out", str(tmp_path / "two.pt"))
+    sharded = _checked(run, tmp_path / "two.pt")
+    assert sharded["offloaded"] > 0
+    assert sharded["losses"] == pytest.approx(reference["losses"], abs=TOL)
+    assert_same_weights(reference["weights"], sharded["weights"])
+
+
 @pytest.mark.parametrize("save_ranks,resume_ranks", [(2, 1), (1, 2)])
 def test_resume_on_another_world_size(weights, tmp_path, save_ranks, resume_ranks):
     kind, path = weights

@@ -5,9 +5,9 @@ because keeping what autograd saves for an unchecked block costs GPU memory (~16
 bytes for a fused Llama block: 0.49 GiB at Llama-3.1-70B's width and 2,048 tokens). Here N of the blocks
 that would be checkpointed run unchecked instead, and each activation their autograd saves is copied to
 pinned host memory on a side CUDA stream as it is saved; the GPU memory is reused once the copy has read
-it. In the backward an offloaded block's activations come back in one go, and the previous offloaded
-block's are fetched on the side stream while this one is backpropagated. Those blocks skip their
-recompute, and keep nothing on the GPU between their forward and their backward.
+it. When the backward reaches the block after an offloaded one, the offloaded block's activations start
+coming back on the side stream, all its storages in one go. Those blocks skip their recompute, and keep
+nothing on the GPU between their forward and their backward.
 
 It pays while the host link drains the copies as fast as the forward makes them: a block's activations
 grow with tokens x dim, its GEMM time with tokens x dim^2, so wide models gain most. The offloaded blocks
@@ -42,9 +42,9 @@ MIN_OFFLOAD_BYTES = 1 << 20  # smaller storages stay on the GPU: not worth a cop
 # the GPU in eager mode (up to ~1,000 queued kernels, many blocks), and memory waiting on a copy cannot be
 # reused, so without a bound the host's lead would turn into GPU memory; past it, the host waits.
 MAX_BLOCKS_IN_FLIGHT = 1
-PREFETCH_LEAD_BLOCKS = (
-    1  # an offloaded block's activations come back when the backward is this many blocks away
-)
+# An offloaded block's activations come back when the backward is this many blocks away from it (2
+# measured slower at 70B, at the same peak: docs/performance.md).
+PREFETCH_LEAD_BLOCKS = 1
 
 
 class HostCopies(OffloadChain):
@@ -57,9 +57,8 @@ class HostCopies(OffloadChain):
     def __init__(self) -> None:
         super().__init__()
         self.in_flight: collections.deque[tuple[torch.cuda.Event, list[torch.Tensor]]] = collections.deque()
-        self.prefetch_at: dict[
-            int, list[weakref.ref]
-        ] = {}  # block index -> the offloaded blocks it prefetches
+        # block index -> the offloaded blocks whose activations that block's backward brings back
+        self.prefetch_at: dict[int, list[weakref.ref]] = {}
 
     def hold(self, stream: torch.cuda.Stream, sources: list[torch.Tensor]) -> None:
         self.in_flight.append((stream.record_event(), sources))
@@ -99,9 +98,8 @@ class BlockActivations:
         self.host: list[list[torch.Tensor]] = []  # per key: the storage's bytes in host pieces
         self.keys: dict[tuple, int] = {}  # during the forward: storage (and view) -> key
         self.sources: list[torch.Tensor] = []  # during the forward: what the copies read
-        self.versions: list[
-            tuple[torch.Tensor, int]
-        ] = []  # during the forward: each copied tensor, its version
+        # during the forward: each copied tensor and its version when saved
+        self.versions: list[tuple[torch.Tensor, int]] = []
         self.restored: list[torch.Tensor] | None = None  # per key: the bytes back on the device
         self.ready: torch.cuda.Event | None = None  # set while the compute stream has not waited for them
         self.in_backward = False
@@ -187,10 +185,8 @@ def _copy_back(host: list[list[torch.Tensor]], device: torch.device, stream):
     """Every storage's bytes back on `device` (allocated from the compute stream's pool, copied on the
     side stream) and the event the compute stream waits for before reading them (None on a CPU)."""
     restored = []
-    if stream is not None:
-        stream.wait_stream(
-            torch.cuda.current_stream(device)
-        )  # the targets' memory may be read by queued work
+    if stream is not None:  # the targets' memory may still be read by queued compute work
+        stream.wait_stream(torch.cuda.current_stream(device))
     for pieces in host:
         target = torch.empty(sum(p.numel() for p in pieces), dtype=torch.uint8, device=device)
         fill_from_host(target, pieces, stream, record=False)
