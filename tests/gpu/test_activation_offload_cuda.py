@@ -30,7 +30,7 @@ LONG = dict(
 )
 
 
-def build(sizes: dict, dtype, dropout: float = 0.0) -> torch.nn.Module:
+def build(sizes: dict, dtype, dropout: float = 0.0, quantize: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = lora_transformer_decoder(
@@ -38,6 +38,7 @@ def build(sizes: dict, dtype, dropout: float = 0.0) -> torch.nn.Module:
             apply_lora_to_mlp=True,
             lora_rank=8,
             lora_dropout=dropout,
+            quantize_base=quantize,
             **sizes,
         )
     init_weights(model)

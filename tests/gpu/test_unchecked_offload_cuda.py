@@ -10,9 +10,7 @@ import pytest
 import torch
 
 from ftcore.distributed.parallelize import parallelize
-from ftcore.models import init_weights
-from ftcore.models.builders import lora_transformer_decoder
-from ftcore.modules.lora import get_adapter_params, set_trainable_params
+from tests.gpu.test_activation_offload_cuda import build as build_lora
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,23 +22,7 @@ SIZES = dict(vocab_size=512, dim=1024, n_layers=6, n_heads=8, n_kv_heads=2, hidd
 
 
 def build(dtype, quantize: bool = False, dropout: float = 0.0) -> torch.nn.Module:
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = lora_transformer_decoder(
-            ["q_proj", "k_proj", "v_proj", "output_proj"],
-            apply_lora_to_mlp=True,
-            lora_rank=8,
-            lora_dropout=dropout,
-            quantize_base=quantize,
-            **SIZES,
-        )
-    init_weights(model)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_b" in name:
-                param.normal_(0.0, 0.02)  # non-zero, so the adapters' gradients depend on the whole block
-    set_trainable_params(model, get_adapter_params(model))
-    return model.to(dtype)
+    return build_lora(SIZES, dtype, dropout, quantize)
 
 
 def loss_and_grads(model, tokens, seed: int):
