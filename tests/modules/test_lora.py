@@ -350,3 +350,21 @@ def test_the_in_place_adapter_add_trains_like_the_formula(monkeypatch, nf4_path)
         # fp32 against float64 sums of squares of O(10) outputs
         atol = 1e-5 * reference.abs().max().item()
         torch.testing.assert_close(ours.double(), reference, rtol=1e-4, atol=atol)
+
+
+def test_dora_saves_no_weight_sized_tensor_for_its_detached_norm():
+    """The norm is a constant in backprop: computed without a graph, nothing (out, in)-sized is saved
+    for a backward that never runs (ac_offload_blocks would copy it to host memory every step)."""
+    layer = LoRALinear(IN, OUT, RANK, ALPHA, use_dora=True)
+    saved = []
+
+    def record(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda tensor: tensor):
+        layer(torch.randn(3, IN)).sum().backward()
+    weight_sized = [t for t in saved if t.shape == (OUT, IN) and t.untyped_storage().data_ptr()
+                    != layer.weight.untyped_storage().data_ptr()]  # fmt: skip
+    assert weight_sized == []
+    assert layer.magnitude.grad is not None and layer.lora_a.weight.grad is not None

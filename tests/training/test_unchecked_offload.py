@@ -112,6 +112,19 @@ def test_each_storage_is_copied_once_and_weights_and_shared_inputs_never(monkeyp
     assert all(kept for ptr, kept in packed if ptr in weights)
 
 
+def record_block_activations(monkeypatch):
+    """Every BlockActivations made from now on, in order of creation."""
+    records = []
+    init = BlockActivations.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        records.append(self)
+
+    monkeypatch.setattr(BlockActivations, "__init__", recording_init)
+    return records
+
+
 def test_small_storages_stay_where_they_are(monkeypatch):
     monkeypatch.setattr(unchecked_offload, "MIN_OFFLOAD_BYTES", 1 << 20)  # the tiny model's are all smaller
     counter = CopyCounter(monkeypatch)
@@ -126,14 +139,7 @@ def test_the_next_blocks_backward_brings_the_offloaded_block_back_before_its_own
     parallelize(
         model, activation_checkpointing=True, ac_offload_blocks=1
     )  # block 0, then 1 and 2 checkpointed
-    records = []
-    init = BlockActivations.__init__
-
-    def recording_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        records.append(self)
-
-    monkeypatch.setattr(BlockActivations, "__init__", recording_init)
+    records = record_block_activations(monkeypatch)
     restored_when_block_0_starts = []
     unpack = BlockActivations.unpack
 
@@ -225,7 +231,9 @@ def test_the_offloaded_blocks_are_spread_over_the_checkpointed_ones():
     plan = checkpoint_plan(True, None, None, skip_last_blocks=2, offload_blocks=3)
     assert plan is not None and plan.offloaded(8) == [0, 2, 4]
     assert plan.blocks(8) == [1, 3, 5]  # the rest of the first 6 checkpointed; blocks 6 and 7 unchecked
-    with pytest.raises(ValueError, match="ac_offload_blocks: 7 is more than the 6 blocks"):
+    with pytest.raises(
+        ValueError, match="ac_offload_blocks: 7 is more than the 6 blocks checkpointing would rerun"
+    ):
         checkpoint_plan(True, None, None, skip_last_blocks=2, offload_blocks=7).blocks(8)
 
 
@@ -266,3 +274,49 @@ def test_cuda_graphs_refuse_offloaded_blocks():
             optimizer_in_backward=False,
             offloaded_blocks=True,
         )
+
+
+def _offloaded(fn, x):
+    return offloaded_unchecked_forward(fn, torch.nn.Module(), HostCopies(), None, 0, x)
+
+
+def test_views_of_one_storage_in_two_dtypes_are_two_copies():
+    """A small fp32 view and a small bf16 view at the same element offset are different bytes."""
+    w = torch.randn(10, requires_grad=True)
+    w16 = torch.randn(10, dtype=torch.bfloat16, requires_grad=True)
+
+    def block(base):
+        base = base.detach()
+        a, b = base[10:20], base.view(torch.bfloat16)[10:20]  # mul saves both small views
+        return (a * w).sum() + (b * w16).float().sum()
+
+    base = torch.randn(1000)
+    grads = []
+    for run in (block, lambda x: _offloaded(block, x)):
+        w.grad = w16.grad = None
+        run(base).backward()
+        grads.append((w.grad.clone(), w16.grad.clone()))
+    for reference, offloaded in zip(*grads, strict=True):
+        torch.testing.assert_close(offloaded, reference, **EXACT)
+
+
+def test_an_in_place_change_after_the_block_returned_is_refused_at_the_backward():
+    x = torch.randn(4, 4, requires_grad=True)
+    y = _offloaded(torch.sigmoid, x)  # sigmoid saves its output
+    y.mul_(2.0)
+    with pytest.raises(
+        RuntimeError, match="changed in place after the block returned.*ac_offload_blocks: null"
+    ):
+        y.sum().backward()
+
+
+def test_storages_no_saved_tensor_needs_are_not_brought_back(monkeypatch):
+    """A graph dropped inside the block (a detached result) leaves its copy unread: not restored."""
+    records = record_block_activations(monkeypatch)
+    x = torch.randn(4, 4, requires_grad=True)
+    out = _offloaded(lambda t: torch.sigmoid(t * 3.0).detach() + t.exp(), x)
+    gc.collect()
+    out.sum().backward()
+    (record,) = records
+    assert len(record.host) == 2 and sum(data is None for data in record.restored) == 1
+    torch.testing.assert_close(x.grad, x.detach().exp(), **EXACT)

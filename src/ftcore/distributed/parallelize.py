@@ -89,8 +89,7 @@ def _check_offload_blocks_compile(offload_blocks: int | None, compile: bool) -> 
     if offload_blocks and compile:
         raise ValueError(
             "ac_offload_blocks cannot be combined with compile: true (the offloaded blocks copy what autograd "
-            "saves from eager hooks); set compile: false (fused_kernels and cuda_graphs are the eager speed-ups) "
-            "or ac_offload_blocks: null"
+            "saves from eager hooks); set compile: false (fused_kernels still applies) or ac_offload_blocks: null"
         )
 
 

@@ -133,8 +133,10 @@ class LoRALinear(nn.Module):
         elif self.use_dora:
             out = self._base_forward(x)
             lora_out = self.scaling * self.lora_b(self.lora_a(self.dropout(x)))
-            # m / ||W0 + s B A||_row with the norm detached (DoRA paper, section 4.3).
-            weight_norm = self._adapted_weight().norm(p=2, dim=1).detach()
+            # m / ||W0 + s B A||_row with the norm detached (DoRA paper, section 4.3); computed without
+            # a graph, so autograd saves no weight-sized tensor for a backward that never runs
+            with torch.no_grad():
+                weight_norm = self._adapted_weight().norm(p=2, dim=1)
             out = (self.magnitude / weight_norm).to(out.dtype) * (out + lora_out)
         else:
             rows = x.reshape(-1, x.shape[-1])  # (tokens, in)

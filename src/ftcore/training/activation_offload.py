@@ -38,12 +38,10 @@ from torch.utils.checkpoint import checkpoint
 from ftcore.modules.recompute import marked_recompute_contexts
 
 
-class OffloadChain:
-    """The blocks of one model in forward order: the newest host input, for the next block to link to,
-    and the side stream the copies run on (made on first use, on the inputs' GPU)."""
+class SideStream:
+    """The side CUDA stream one model's host copies run on (made on first use, on the tensors' GPU)."""
 
     def __init__(self) -> None:
-        self.newest: weakref.ref | None = None
         self._stream: torch.cuda.Stream | None = None
 
     def stream(self, device: torch.device) -> torch.cuda.Stream | None:
@@ -52,6 +50,14 @@ class OffloadChain:
         if self._stream is None or self._stream.device != device:
             self._stream = torch.cuda.Stream(device=device)
         return self._stream
+
+
+class OffloadChain(SideStream):
+    """The blocks of one model in forward order: the newest host input, for the next block to link to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.newest: weakref.ref | None = None
 
 
 class HostInput:
@@ -127,30 +133,37 @@ def copy_to_host(
     return pieces
 
 
-def fill_from_host(
-    target: torch.Tensor, pieces: list[torch.Tensor], stream: torch.cuda.Stream | None, record: bool = True
-) -> None:
-    """Copy the host pieces, in order, into the contiguous `target` (on `stream` when there is one). The
-    target is not reused before those copies are done (`record=False`: the caller's compute stream waits
-    for them before the target can be freed)."""
-    flat, start = target.view(-1), 0  # (numel,)
+def copy_from_host(
+    targets: list[torch.Tensor],
+    hosts: list[list[torch.Tensor]],
+    device: torch.device,
+    stream: torch.cuda.Stream | None,
+    record: bool = True,
+) -> torch.cuda.Event | None:
+    """Fill each contiguous target (allocated from the compute stream's pool) from its host pieces, in
+    order, on `stream` when there is one; return the event the compute stream must wait for before
+    reading them (None without a side stream). `record=False`: the caller makes the compute stream wait
+    for that event before any target can be freed, instead of `record_stream`."""
+    if stream is not None:  # the targets' memory may still be read by queued compute work
+        stream.wait_stream(torch.cuda.current_stream(device))
     with _on(stream):
-        for piece in pieces:
-            flat[start : start + piece.numel()].copy_(piece, non_blocking=True)
-            start += piece.numel()
-    if stream is not None and record:  # a prefetch freed unused must not be reused before its copy is done
-        target.record_stream(stream)
+        for target, pieces in zip(targets, hosts, strict=True):
+            flat, start = target.view(-1), 0  # (numel,)
+            for piece in pieces:
+                flat[start : start + piece.numel()].copy_(piece, non_blocking=True)
+                start += piece.numel()
+            if (
+                stream is not None and record
+            ):  # a prefetch freed unused must not be reused before its copy is done
+                target.record_stream(stream)
+    return stream.record_event() if stream is not None else None
 
 
 def _copy_to_device(saved: HostInput) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     """(the input rebuilt on its device from the host pieces, the event the compute stream must wait
     for, or None without a side stream)."""
-    stream = saved.stream
     target = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device)  # the compute stream's pool
-    if stream is not None:
-        stream.wait_stream(torch.cuda.current_stream(saved.device))  # its memory may be read by queued work
-    fill_from_host(target, saved.host, stream)
-    return target, stream.record_event() if stream is not None else None
+    return target, copy_from_host([target], [saved.host], saved.device, saved.stream)
 
 
 def _run_block(block_forward, saved: HostInput, device_anchor, *args, **kwargs):

@@ -35,7 +35,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from ftcore.training.activation_offload import OffloadChain, copy_to_host, fill_from_host
+from ftcore.training.activation_offload import SideStream, copy_from_host, copy_to_host
 
 MIN_OFFLOAD_BYTES = 1 << 20  # smaller storages stay on the GPU: not worth a copy's fixed cost
 # Blocks whose copies may still be running when the next offloaded block starts. The host runs ahead of
@@ -47,7 +47,7 @@ MAX_BLOCKS_IN_FLIGHT = 1
 PREFETCH_LEAD_BLOCKS = 1
 
 
-class HostCopies(OffloadChain):
+class HostCopies(SideStream):
     """The offloaded blocks of one model: the side stream, the GPU sources of the copies still running
     (each held until its block's copies are done), and the blocks whose backward starts a prefetch.
 
@@ -63,17 +63,26 @@ class HostCopies(OffloadChain):
     def hold(self, stream: torch.cuda.Stream, sources: list[torch.Tensor]) -> None:
         self.in_flight.append((stream.record_event(), sources))
 
-    def release_done(self, keep: int = 0) -> None:
-        """Drop the sources whose copies are done, and wait for the oldest until at most `keep` remain."""
-        while self.in_flight and (len(self.in_flight) > keep or self.in_flight[0][0].query()):
+    def bound(self) -> None:
+        """Drop the sources whose copies are done; the host waits for the oldest while more than
+        `MAX_BLOCKS_IN_FLIGHT` blocks' copies remain."""
+        while self.in_flight and (len(self.in_flight) > MAX_BLOCKS_IN_FLIGHT or self.in_flight[0][0].query()):
             event, _ = self.in_flight.popleft()
             event.synchronize()
 
+    def release_all(self, device: torch.device) -> None:
+        """At the backward: drop every held source once the compute stream waits for its copies. Work
+        that reuses the memory then runs after them in stream order, and the host does not wait."""
+        while self.in_flight:
+            event, _ = self.in_flight.popleft()
+            torch.cuda.current_stream(device).wait_event(event)
+
 
 class _Copied:
-    """A saved tensor's place in its block's host copies: which storage, and the view onto it."""
+    """A saved tensor's place in its block's host copies (which storage, the view onto it), and the
+    tensor itself, weakly, to catch an in-place change after the block returned."""
 
-    __slots__ = ("block", "key", "dtype", "size", "stride", "offset")
+    __slots__ = ("block", "key", "dtype", "size", "stride", "offset", "tensor", "version", "__weakref__")
 
     def __init__(self, block: BlockActivations, key: int, tensor: torch.Tensor, whole_storage: bool):
         self.block, self.key, self.dtype = block, key, tensor.dtype
@@ -81,6 +90,20 @@ class _Copied:
         # a view alone is copied contiguous: it comes back with a contiguous layout, at offset 0
         self.stride = tensor.stride() if whole_storage else _contiguous_strides(tensor.shape)
         self.offset = tensor.storage_offset() if whole_storage else 0
+        self.tensor, self.version = weakref.ref(tensor), tensor._version
+
+    def check_unchanged(self) -> None:
+        tensor = self.tensor()
+        if tensor is not None and tensor._version != self.version:
+            raise RuntimeError(
+                IN_PLACE_CHANGE.format(shape=tuple(self.size), when="after the block returned")
+            )
+
+
+IN_PLACE_CHANGE = (
+    "ac_offload_blocks: a tensor saved for the backward, of shape {shape}, was changed in place {when}, so "
+    "its copy in host memory may hold either value; set ac_offload_blocks: null or make that op out of place"
+)
 
 
 class BlockActivations:
@@ -96,25 +119,30 @@ class BlockActivations:
         self.chain, self.min_bytes = chain, min_bytes
         self.device, self.stream = device, chain.stream(device)
         self.host: list[list[torch.Tensor]] = []  # per key: the storage's bytes in host pieces
+        self.handles: weakref.WeakSet[_Copied] = weakref.WeakSet()  # what autograd still holds
         self.keys: dict[tuple, int] = {}  # during the forward: storage (and view) -> key
         self.sources: list[torch.Tensor] = []  # during the forward: what the copies read
         # during the forward: each copied tensor and its version when saved
         self.versions: list[tuple[torch.Tensor, int]] = []
-        self.restored: list[torch.Tensor] | None = None  # per key: the bytes back on the device
+        self.restored: list[torch.Tensor | None] | None = None  # per key: the bytes back on the device
         self.ready: torch.cuda.Event | None = None  # set while the compute stream has not waited for them
         self.in_backward = False
 
     def pack(self, tensor: torch.Tensor):
         storage = tensor.untyped_storage()
-        if storage.data_ptr() in self.kept or storage.nbytes() < self.min_bytes:
+        if (
+            storage.data_ptr() in self.kept
+            or storage.nbytes() < self.min_bytes
+            or tensor.device != self.device  # e.g. a host table's rows: already off the GPU
+        ):
             return tensor
         # a small view of a large storage (a slice of a fused output) is copied alone, not the storage
         whole = storage.nbytes() <= 2 * tensor.numel() * tensor.element_size()
-        view = (tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        view = (tensor.dtype, tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
         identity = (storage.data_ptr(),) if whole else (storage.data_ptr(), *view)
         key = self.keys.get(identity)
         if key is None:
-            self.chain.release_done(keep=MAX_BLOCKS_IN_FLIGHT)
+            self.chain.bound()
             key = self.keys[identity] = len(self.host)
             source = (
                 _storage_bytes(tensor) if whole else tensor.detach().contiguous().view(-1).view(torch.uint8)
@@ -122,31 +150,38 @@ class BlockActivations:
             self.host.append(copy_to_host(source, self.stream, record=False))
             self.sources.append(source)
             self.versions.append((tensor, tensor._version))
-        return _Copied(self, key, tensor, whole)
+        handle = _Copied(self, key, tensor, whole)
+        self.handles.add(handle)
+        return handle
 
     def finish_forward(self) -> None:
         """Hand the copies' sources to the chain until the copies are done (then their memory is reused),
         after checking that no copied tensor was changed in place while its copy may have been running."""
         if self.stream is not None and self.sources:
             self.chain.hold(self.stream, self.sources)
-        self.chain.release_done(keep=MAX_BLOCKS_IN_FLIGHT)
+        self.chain.bound()
         changed = [tuple(t.shape) for t, version in self.versions if t._version != version]
         self.sources, self.versions, self.keys = [], [], {}
         if changed:
-            raise RuntimeError(
-                f"ac_offload_blocks: a tensor saved for the backward, of shape {changed[0]}, was changed in "
-                "place later in the same block, so its copy to host memory may hold either value; leave this "
-                "block checkpointed (lower ac_offload_blocks) or make that op out of place"
-            )
+            raise RuntimeError(IN_PLACE_CHANGE.format(shape=changed[0], when="later in the same block"))
 
     def prefetch(self) -> None:
-        if self.restored is None and self.host:
-            self.restored, self.ready = _copy_back(self.host, self.device, self.stream)
+        """Bring back, on the side stream, the storages autograd still holds a saved tensor of (an op
+        whose graph was dropped in the forward, as a detached result's, needs none)."""
+        if self.restored is not None or not self.host:
+            return
+        self.chain.release_all(self.device)
+        live = {handle.key for handle in list(self.handles)}
+        sizes = [sum(p.numel() for p in pieces) if key in live else 0 for key, pieces in enumerate(self.host)]
+        targets = [torch.empty(size, dtype=torch.uint8, device=self.device) for size in sizes]
+        hosts = [pieces if key in live else [] for key, pieces in enumerate(self.host)]
+        self.ready = copy_from_host(targets, hosts, self.device, self.stream, record=False)
+        self.restored = [target if key in live else None for key, target in enumerate(targets)]
 
     def unpack(self, handle: _Copied) -> torch.Tensor:
+        handle.check_unchanged()
         if not self.in_backward:  # this block's first unpack
             self.in_backward = True
-            self.chain.release_done(keep=MAX_BLOCKS_IN_FLIGHT)
             self.prefetch()  # unless a later block's backward began it (`prefetch_at_backward`)
             self._wait_for_copies()
         data = cast(list, self.restored)[handle.key]
@@ -179,20 +214,6 @@ def _storage_bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 def _unpack(handle):
     return handle.block.unpack(handle) if isinstance(handle, _Copied) else handle
-
-
-def _copy_back(host: list[list[torch.Tensor]], device: torch.device, stream):
-    """Every storage's bytes back on `device` (allocated from the compute stream's pool, copied on the
-    side stream) and the event the compute stream waits for before reading them (None on a CPU)."""
-    restored = []
-    if stream is not None:  # the targets' memory may still be read by queued compute work
-        stream.wait_stream(torch.cuda.current_stream(device))
-    for pieces in host:
-        target = torch.empty(sum(p.numel() for p in pieces), dtype=torch.uint8, device=device)
-        fill_from_host(target, pieces, stream, record=False)
-        restored.append(target)
-    ready = stream.record_event() if stream is not None else None
-    return restored, ready
 
 
 def offloaded_unchecked_forward(block_forward, block: nn.Module, chain: HostCopies, prefetch_at: int | None,
@@ -231,9 +252,10 @@ def offloaded_blocks(candidates: list[int], count: int) -> list[int]:
     """`count` of the `candidates` (the blocks checkpointing would rerun), spread evenly from the first:
     between two offloaded blocks the checkpointed ones give the host link time to drain the copies."""
     if count > len(candidates):
+        blocks = "block" if len(candidates) == 1 else "blocks"
         raise ValueError(
-            f"ac_offload_blocks: {count} is more than the {len(candidates)} blocks checkpointing would rerun; "
-            f"use at most {len(candidates)}"
+            f"ac_offload_blocks: {count} is more than the {len(candidates)} {blocks} checkpointing would rerun "
+            f"(ac_skip_last_blocks and ac_option: K leave others unchecked); use at most {len(candidates)}"
         )
     return [candidates[(k * len(candidates)) // count] for k in range(count)]
 
