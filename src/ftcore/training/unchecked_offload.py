@@ -18,7 +18,8 @@ What is not copied: the block's parameters and buffers (the frozen and NF4 weigh
 the tensors the caller passes besides the hidden state (mask, positions: shared by every block), and
 storages under `min_bytes` (a LoRA adapter's rank-wide product). Each storage is copied once, however
 many ops save it or views of it (q, k and v projections all save the same normed input). A saved tensor
-changed in place before the block's forward returns is refused: its copy may already have been read.
+changed in place is refused, at the block's end when the change came inside it (its copy may already have
+been read) and at its backward when it came after the block returned (the copy holds the old value).
 
 On a CPU device the copies are ordinary ones, so the same code runs in the CPU tests. Eager only (not
 under torch.compile or a CUDA graph: host copies and events in every step).
