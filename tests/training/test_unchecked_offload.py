@@ -320,3 +320,40 @@ def test_storages_no_saved_tensor_needs_are_not_brought_back(monkeypatch):
     (record,) = records
     assert len(record.host) == 2 and sum(data is None for data in record.restored) == 1
     torch.testing.assert_close(x.grad, x.detach().exp(), **EXACT)
+
+
+def test_an_in_place_change_of_a_saved_views_base_after_the_block_returned_is_refused():
+    """The saved tensor is a temporary view (`b.view(-1)`), gone after the block; its base `b` is
+    returned and changed in place. Plain autograd refuses this (the view shares b's version counter)."""
+    w = torch.randn(16, requires_grad=True)
+
+    def block(x):
+        b = x * 2.0
+        return b, b.view(-1) * w  # the product saves the view
+
+    for run in (block, lambda x: _offloaded(block, x)):
+        b, product = run(torch.randn(4, 4, requires_grad=True))
+        b.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation|after the block returned"):
+            product.sum().backward()
+
+
+def test_a_forward_that_stopped_early_leaves_no_stale_prefetch(monkeypatch):
+    """Two forwards of an offloaded block without a backward between them (the first abandoned): the
+    prefetching block brings back only the second's activations."""
+    records = record_block_activations(monkeypatch)
+    chain = HostCopies()
+    for _ in range(2):
+        offloaded_unchecked_forward(
+            torch.sigmoid, torch.nn.Module(), chain, 5, 0, torch.randn(4, requires_grad=True)
+        )
+    assert list(chain.prefetch_at) == [5] and chain.prefetch_at[5]() is records[1]
+
+
+def test_block_activations_that_failed_to_build_are_collected_quietly(monkeypatch):
+    unraisable = []
+    monkeypatch.setattr("sys.unraisablehook", unraisable.append)
+    with pytest.raises(AttributeError):
+        BlockActivations(torch.nn.Module(), (), None, torch.device("cpu"), 0)  # type: ignore[arg-type]
+    gc.collect()
+    assert unraisable == []

@@ -19,7 +19,8 @@ the tensors the caller passes besides the hidden state (mask, positions: shared 
 storages under `min_bytes` (a LoRA adapter's rank-wide product). Each storage is copied once, however
 many ops save it or views of it (q, k and v projections all save the same normed input). A saved tensor
 changed in place is refused, at the block's end when the change came inside it (its copy may already have
-been read) and at its backward when it came after the block returned (the copy holds the old value).
+been read) and at its backward when it came after the block returned (the copy holds the old value; a
+saved view is checked through its base, which shares its version counter and may outlive it).
 
 On a CPU device the copies are ordinary ones, so the same code runs in the CPU tests. Eager only (not
 under torch.compile or a CUDA graph: host copies and events in every step).
@@ -35,6 +36,7 @@ from typing import cast
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ftcore.training.activation_offload import SideStream, copy_from_host, copy_to_host
 
@@ -58,8 +60,8 @@ class HostCopies(SideStream):
     def __init__(self) -> None:
         super().__init__()
         self.in_flight: collections.deque[tuple[torch.cuda.Event, list[torch.Tensor]]] = collections.deque()
-        # block index -> the offloaded blocks whose activations that block's backward brings back
-        self.prefetch_at: dict[int, list[weakref.ref]] = {}
+        # block index -> the offloaded block whose activations that block's backward brings back
+        self.prefetch_at: dict[int, weakref.ref] = {}
 
     def hold(self, stream: torch.cuda.Stream, sources: list[torch.Tensor]) -> None:
         self.in_flight.append((stream.record_event(), sources))
@@ -91,7 +93,10 @@ class _Copied:
         # a view alone is copied contiguous: it comes back with a contiguous layout, at offset 0
         self.stride = tensor.stride() if whole_storage else _contiguous_strides(tensor.shape)
         self.offset = tensor.storage_offset() if whole_storage else 0
-        self.tensor, self.version = weakref.ref(tensor), tensor._version
+        # a view shares its base's version counter, and its base outlives it: a saved temporary view
+        # (`b.view(-1)`) is gone after the block, while `b` may still be changed in place
+        base = tensor if tensor._base is None else tensor._base
+        self.tensor, self.version = weakref.ref(base), tensor._version
 
     def check_unchanged(self) -> None:
         tensor = self.tensor()
@@ -113,10 +118,13 @@ class BlockActivations:
     def __init__(
         self, block: nn.Module, shared: tuple, chain: HostCopies, device: torch.device, min_bytes: int
     ):
-        tensors = itertools.chain(
-            block.parameters(), block.buffers(), (t for t in shared if torch.is_tensor(t))
-        )
-        self.kept = {t.untyped_storage().data_ptr() for t in tensors}
+        self.ready: torch.cuda.Event | None = None  # set while the compute stream has not waited for them
+        self.block = block
+        self.kept = _storages(itertools.chain(block.parameters(), block.buffers()))
+        self.kept |= _storages(t for t in shared if torch.is_tensor(t))
+        # an FSDP2 unit inside the block (QLoRA's NF4 layers under param_dtype) gathers its weights only
+        # when its layer runs: they are sharded now, and are looked up again when a storage is not known
+        self.weights_gathered_later = any(isinstance(t, DTensor) for t in block.parameters())
         self.chain, self.min_bytes = chain, min_bytes
         self.device, self.stream = device, chain.stream(device)
         self.host: list[list[torch.Tensor]] = []  # per key: the storage's bytes in host pieces
@@ -126,15 +134,14 @@ class BlockActivations:
         # during the forward: each copied tensor and its version when saved
         self.versions: list[tuple[torch.Tensor, int]] = []
         self.restored: list[torch.Tensor | None] | None = None  # per key: the bytes back on the device
-        self.ready: torch.cuda.Event | None = None  # set while the compute stream has not waited for them
         self.in_backward = False
 
     def pack(self, tensor: torch.Tensor):
         storage = tensor.untyped_storage()
         if (
-            storage.data_ptr() in self.kept
-            or storage.nbytes() < self.min_bytes
+            storage.nbytes() < self.min_bytes
             or tensor.device != self.device  # e.g. a host table's rows: already off the GPU
+            or self._is_weight(storage.data_ptr())
         ):
             return tensor
         # a small view of a large storage (a slice of a fused output) is copied alone, not the storage
@@ -154,6 +161,11 @@ class BlockActivations:
         handle = _Copied(self, key, tensor, whole)
         self.handles.add(handle)
         return handle
+
+    def _is_weight(self, data_ptr: int) -> bool:
+        if data_ptr not in self.kept and self.weights_gathered_later:
+            self.kept |= _storages(itertools.chain(self.block.parameters(), self.block.buffers()))
+        return data_ptr in self.kept
 
     def finish_forward(self) -> None:
         """Hand the copies' sources to the chain until the copies are done (then their memory is reused),
@@ -200,6 +212,11 @@ class BlockActivations:
         self._wait_for_copies()
 
 
+def _storages(tensors) -> set[int]:
+    """The data pointers of the tensors' storages, leaving out sharded (FSDP2) ones, which have none."""
+    return {t.untyped_storage().data_ptr() for t in tensors if not isinstance(t, DTensor)}
+
+
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
@@ -223,8 +240,8 @@ def offloaded_unchecked_forward(block_forward, block: nn.Module, chain: HostCopi
     if not torch.is_grad_enabled():  # evaluation, generation: nothing is saved
         return block_forward(x, *args, **kwargs)
     saved = BlockActivations(block, (*args, *kwargs.values()), chain, x.device, min_bytes)
-    if prefetch_at is not None:
-        chain.prefetch_at.setdefault(prefetch_at, []).append(weakref.ref(saved))
+    if prefetch_at is not None:  # replaces what a forward that stopped before that block left
+        chain.prefetch_at[prefetch_at] = weakref.ref(saved)
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, _unpack):
         out = block_forward(x, *args, **kwargs)
     saved.finish_forward()
@@ -235,11 +252,10 @@ def prefetch_at_backward(block_forward, chain: HostCopies, index: int, x: torch.
     """The forward of a block `PREFETCH_LEAD_BLOCKS` after an offloaded one: when the backward reaches it
     (its output's gradient is ready), the offloaded block's activations start coming back, that many
     blocks ahead of their use and no earlier, so few offloaded blocks wait on the GPU at once."""
-    offloaded = chain.prefetch_at.pop(index, [])
+    offloaded = chain.prefetch_at.pop(index, None)
     out = block_forward(x, *args, **kwargs)
-    if out.requires_grad:
-        for saved in offloaded:
-            out.register_hook(functools.partial(_prefetch, saved))
+    if out.requires_grad and offloaded is not None:
+        out.register_hook(functools.partial(_prefetch, offloaded))
     return out
 
 
@@ -268,13 +284,13 @@ def apply_unchecked_offloading(model: nn.Module, indices: list[int], min_bytes: 
     min_bytes = MIN_OFFLOAD_BYTES if min_bytes is None else min_bytes
     chain = HostCopies()
     blocks = cast(nn.ModuleList, model.layers)
-    prefetchers = {index: min(index + PREFETCH_LEAD_BLOCKS, len(blocks) - 1) for index in indices}
+    # each offloaded block's prefetching block, one each; the last blocks have none after them
+    prefetchers = {i: i + PREFETCH_LEAD_BLOCKS for i in indices if i + PREFETCH_LEAD_BLOCKS < len(blocks)}
     for index in indices:
         block = blocks[index]
-        at = prefetchers[index] if prefetchers[index] > index else None  # the last block has none after it
         block.forward = functools.partial(  # type: ignore[method-assign]
-            offloaded_unchecked_forward, block.forward, block, chain, at, min_bytes
+            offloaded_unchecked_forward, block.forward, block, chain, prefetchers.get(index), min_bytes
         )
-    for at in sorted({at for index, at in prefetchers.items() if at > index}):  # outermost wrappers
+    for at in sorted(prefetchers.values()):  # outermost wrappers
         after = blocks[at]
         after.forward = functools.partial(prefetch_at_backward, after.forward, chain, at)  # type: ignore[method-assign]
