@@ -1,8 +1,8 @@
 """QLoRA under FSDP2 with the NF4 data sharded: 2 CPU processes (gloo) against one plain process.
 
 The file is also the rank program: torchrun runs it as a script. The model is a tiny QLoRA Llama
-whose projection dims are multiples of 64 (dim 128, MLP 384: one w1 has 768 absmax blocks, so its 3
-nested scales split 2 + 1 over the ranks). Both runs load the same float checkpoint, which each
+whose projection dims are multiples of 64 (dim 128, MLP 384: one w1 has 384 rows, 192 per rank; its 3
+nested scales, fp32, stay whole on each rank). Both runs load the same float checkpoint, which each
 quantizes on the fly, then take 3 AdamW steps (fp32 compute) on the same global batch of 8 rows.
 The single process is the reference: its NF4 layers hold their data as plain buffers, untouched.
 
@@ -41,7 +41,8 @@ from tests.distributed.fsdp_worker import _Recorder, toy_dataset
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
 SIZES = {"dim": 128, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 384}
-NF4_PARTS = ("weight_packed", "weight_absmax", "weight_nested_absmax")  # the sharded ones
+NF4_PARTS = ("weight_packed", "weight_absmax")  # the sharded ones
+NF4_BUFFERS = ("weight_nested_absmax", "weight_offset")  # fp32: whole on every rank
 
 
 def build_qlora() -> torch.nn.Module:
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--bf16-compute", action="store_true", help="FSDP2 param_dtype bf16, fp32 reduce")
     args = parser.parse_args(argv)
 
     distributed = launched_by_torchrun()
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     with torch.device("meta"):
         model = build_qlora()
     if distributed:
-        shard_model(model, fsdp_mesh("cpu"))
+        precision = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16_compute else {}
+        shard_model(model, fsdp_mesh("cpu"), **precision)
     model.to_empty(device="cpu")
     init_weights(model)
     from safetensors import safe_open
@@ -150,8 +153,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[dict, dict, torch.nn.Module]:
-    """(1-process result, 2-rank result, the unsharded model the checkpoint came from)."""
+def runs(tmp_path_factory) -> tuple[dict, dict, torch.nn.Module, dict]:
+    """(1-process result, 2-rank result, the unsharded model the checkpoint came from, 2 ranks computing
+    in bf16)."""
     folder = tmp_path_factory.mktemp("nf4_fsdp")
     torch.manual_seed(1)
     float_base = tiny_llama(**SIZES)  # a float checkpoint, as a Hugging Face base model is stored
@@ -163,16 +167,22 @@ def runs(tmp_path_factory) -> tuple[dict, dict, torch.nn.Module]:
     save_file({**float_base.state_dict(), **adapters}, str(weights))
 
     main(["--weights", str(weights), "--out", str(folder / "one.pt")])
+    two = _two_ranks(weights, folder / "two.pt")
+    bf16 = _two_ranks(weights, folder / "bf16.pt", "--bf16-compute")
+    return torch.load(folder / "one.pt"), two, float_base, bf16
+
+
+def _two_ranks(weights: Path, out: Path, *options: str) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-               __file__, "--weights", str(weights), "--out", str(folder / "two.pt")]  # fmt: skip
+               __file__, "--weights", str(weights), "--out", str(out), *options]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
     result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    return torch.load(folder / "one.pt"), torch.load(folder / "two.pt"), float_base
+    return torch.load(out)
 
 
 def test_qlora_on_two_ranks_equals_one_process(runs):
-    one, two, _ = runs
+    one, two, *_ = runs
     assert two["world_size"] == 2 and len(two["losses"]) == 3
     assert one["losses"][0] != one["losses"][-1]  # it trained
     assert two["losses"] == pytest.approx(one["losses"], abs=TOL)
@@ -184,7 +194,7 @@ def test_qlora_on_two_ranks_equals_one_process(runs):
 def test_nf4_bytes_quantized_on_each_rank_equal_one_process(runs):
     # Each rank quantized the full float weight and kept its shard: gathered back, bit for bit the
     # single process's NF4 data, and the bf16 `weight` dequantized from them is the same too.
-    one, two, float_base = runs
+    one, two, float_base, _ = runs
     assert one["parts"].keys() == two["parts"].keys()
     packed = [k for k in one["parts"] if k.endswith("weight_packed")]
     assert len(packed) == 2 * 7  # every block projection is NF4
@@ -201,7 +211,7 @@ def test_nf4_bytes_quantized_on_each_rank_equal_one_process(runs):
 
 
 def test_each_rank_holds_half_of_the_nf4_data(runs):
-    one, two, _ = runs
+    one, two, *_ = runs
     full = {name: numel for name, (numel, _) in one["shard_sizes"][0].items()}
     for rank, sizes in enumerate(two["shard_sizes"]):
         assert sizes.keys() == full.keys()
@@ -210,27 +220,28 @@ def test_each_rank_holds_half_of_the_nf4_data(runs):
             chunk = math.ceil(rows[0] / 2)  # dim-0 chunks: rank 0 takes ceil, rank 1 the rest
             expected_rows = min(chunk, rows[0] - rank * chunk)
             assert numel == expected_rows * math.prod(rows[1:]), name
-            itemsize = 4 if name.endswith("nested_absmax") else 1
-            assert storage_bytes <= chunk * math.prod(rows[1:]) * itemsize, name  # no full copy behind it
+            assert storage_bytes <= chunk * math.prod(rows[1:]), name  # uint8: no full copy behind it
     total = sum(full.values())
     for sizes in two["shard_sizes"]:
         assert sum(numel for numel, _ in sizes.values()) == pytest.approx(total / 2, rel=0.01)
 
 
 def test_nf4_blocks_are_all_gathered_as_4bit_data(runs):
-    _, two, float_base = runs
+    _, two, float_base, _ = runs
     gathers = two["all_gathers"]
     assert len(gathers) == 3  # the root, then each of the 2 blocks once
     base_weights = sum(
         m.weight.numel() for m in float_base.layers[0].modules() if isinstance(m, torch.nn.Linear)
     )
     for index, (dtype, nbytes) in enumerate(gathers[1:]):
-        # A block of mixed dtypes (uint8 codes, fp32 scales, fp32 adapters and norms) goes as bytes:
-        # each tensor's dim 0 padded to a multiple of 2 ranks, at its stored size.
+        # A block of mixed dtypes (uint8 codes, fp32 adapters and norms) goes as bytes: each tensor's
+        # dim 0 padded to a multiple of 2 ranks, at its stored size. The fp32 NF4 scales are buffers.
         assert dtype == "torch.uint8"
         stored = {**two["parts"], **two["weights"]}
         block = [
-            t for k, t in stored.items() if k.startswith(f"layers.{index}.") and t.dtype != torch.bfloat16
+            t
+            for k, t in stored.items()
+            if k.startswith(f"layers.{index}.") and t.dtype != torch.bfloat16 and not k.endswith(NF4_BUFFERS)
         ]
         padded = sum(
             math.ceil(t.shape[0] / 2) * 2 * math.prod(t.shape[1:]) * t.element_size()
@@ -240,8 +251,21 @@ def test_nf4_blocks_are_all_gathered_as_4bit_data(runs):
         assert nbytes == padded
         nf4 = [t for k, t in stored.items() if k.startswith(f"layers.{index}.") and k.endswith(NF4_PARTS)]
         nf4_bits = 8 * sum(t.numel() * t.element_size() for t in nf4) / base_weights
-        assert 4.125 < nf4_bits < 4.14  # the base travels at ~4.127 bits per weight, not bf16's 16
+        assert nf4_bits == 4.125  # the base travels at 4 bits + one absmax byte per 64 weights, not bf16's 16
         assert nbytes < 2 * base_weights  # the whole unit gathers less than a bf16 base alone
+
+
+def test_bf16_compute_leaves_the_nf4_scales_in_fp32(runs):
+    """FSDP2's param_dtype casts float parameters; the NF4 scales are buffers, so they stay exact."""
+    one, _, _, bf16 = runs
+    assert len(bf16["losses"]) == len(one["losses"])
+    for loss, reference in zip(bf16["losses"], one["losses"], strict=True):
+        assert abs(loss - reference) < 0.02 * abs(reference), (loss, reference)  # bf16 compute
+    for name, tensor in one["parts"].items():
+        if name.endswith((*NF4_PARTS, *NF4_BUFFERS)):
+            assert bf16["parts"][name].dtype == tensor.dtype and torch.equal(bf16["parts"][name], tensor), (
+                name
+            )
 
 
 if __name__ == "__main__":

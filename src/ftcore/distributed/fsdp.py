@@ -73,18 +73,13 @@ def shard_model(
         options["offload_policy"] = CPUOffloadPolicy()
     from ftcore.distributed.nf4_sharding import nf4_buffers_to_parameters
 
-    nf4_layers: set[nn.Module] = set(nf4_buffers_to_parameters(model))
-    # FSDP2 casts every floating parameter to param_dtype, which would round the fp32 NF4 scales:
-    # then each block's NF4 layers form their own unit that gathers them as stored.
-    nf4_own_unit = bool(nf4_layers) and param_dtype not in (None, torch.float32)
+    nf4_buffers_to_parameters(model)  # uint8 parts only: param_dtype leaves them as they are
     blocks = cast(nn.ModuleList, model.layers)
     last = len(blocks) - 1
     for index, block in enumerate(blocks):
         # The last block's backward starts right after the forward: resharding it would only buy an
         # immediate all-gather again (torchtitan makes the same exception).
         reshard = reshard_after_forward and index < last
-        if nf4_own_unit and (block_nf4 := [m for m in block.modules() if m in nf4_layers]):
-            fully_shard(block_nf4, reshard_after_forward=reshard, **_without_mp(options))
         fully_shard(block, reshard_after_forward=reshard, **options)
     # The root (embeddings, final norm, output) stays gathered from its forward to its backward: the
     # training loss calls `model.hidden` and then reads `model.output_weight` outside any forward, and
@@ -116,10 +111,6 @@ def reshard_all(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-
-
-def _without_mp(options: dict) -> dict:
-    return {k: v for k, v in options.items() if k != "mp_policy"}
 
 
 def install_full_tensor_load_hooks(model: nn.Module) -> None:

@@ -36,7 +36,6 @@ from typing import cast
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ftcore.training.activation_offload import SideStream, copy_from_host, copy_to_host
 
@@ -119,12 +118,10 @@ class BlockActivations:
         self, block: nn.Module, shared: tuple, chain: HostCopies, device: torch.device, min_bytes: int
     ):
         self.ready: torch.cuda.Event | None = None  # set while the compute stream has not waited for them
-        self.block = block
-        self.kept = _storages(itertools.chain(block.parameters(), block.buffers()))
-        self.kept |= _storages(t for t in shared if torch.is_tensor(t))
-        # an FSDP2 unit inside the block (QLoRA's NF4 layers under param_dtype) gathers its weights only
-        # when its layer runs: they are sharded now, and are looked up again when a storage is not known
-        self.weights_gathered_later = any(isinstance(t, DTensor) for t in block.parameters())
+        tensors = itertools.chain(
+            block.parameters(), block.buffers(), (t for t in shared if torch.is_tensor(t))
+        )
+        self.kept = {t.untyped_storage().data_ptr() for t in tensors}  # (under FSDP2: gathered by now)
         self.chain, self.min_bytes = chain, min_bytes
         self.device, self.stream = device, chain.stream(device)
         self.host: list[list[torch.Tensor]] = []  # per key: the storage's bytes in host pieces
@@ -139,9 +136,9 @@ class BlockActivations:
     def pack(self, tensor: torch.Tensor):
         storage = tensor.untyped_storage()
         if (
-            storage.nbytes() < self.min_bytes
+            storage.data_ptr() in self.kept
+            or storage.nbytes() < self.min_bytes
             or tensor.device != self.device  # e.g. a host table's rows: already off the GPU
-            or self._is_weight(storage.data_ptr())
         ):
             return tensor
         # a small view of a large storage (a slice of a fused output) is copied alone, not the storage
@@ -161,11 +158,6 @@ class BlockActivations:
         handle = _Copied(self, key, tensor, whole)
         self.handles.add(handle)
         return handle
-
-    def _is_weight(self, data_ptr: int) -> bool:
-        if data_ptr not in self.kept and self.weights_gathered_later:
-            self.kept |= _storages(itertools.chain(self.block.parameters(), self.block.buffers()))
-        return data_ptr in self.kept
 
     def finish_forward(self) -> None:
         """Hand the copies' sources to the chain until the copies are done (then their memory is reused),
@@ -210,11 +202,6 @@ class BlockActivations:
         # a prefetch never read (a backward that stopped early): whatever reuses its memory on the
         # compute stream must come after the copies into it
         self._wait_for_copies()
-
-
-def _storages(tensors) -> set[int]:
-    """The data pointers of the tensors' storages, leaving out sharded (FSDP2) ones, which have none."""
-    return {t.untyped_storage().data_ptr() for t in tensors if not isinstance(t, DTensor)}
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
